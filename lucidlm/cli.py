@@ -1,0 +1,141 @@
+"""The `lucid` command: thin argument parsing over the Python API.
+
+Every user error (bad file, bad parameter) is a `LucidError`: we print its one-line
+message and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import LucidError
+
+
+def _add_model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None,
+                   help="catalogue name or GGUF path (default: smollm2-135m-instruct)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", "-n", type=int, default=128)
+    p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
+
+
+def _sampling_kwargs(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                seed=args.seed, stop=args.stop, use_cache=not args.no_cache)
+
+
+def _load(args):
+    from .api import load
+    from .sampling import SamplingParams
+
+    # Check the cheap things before the slow load, so a typo fails at once.
+    if hasattr(args, "temperature"):
+        SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                       repetition_penalty=args.repetition_penalty, seed=args.seed)
+    if getattr(args, "prompt", None) == "":
+        raise LucidError("the prompt is empty")
+    return load(args.model)
+
+
+def cmd_generate(args) -> int:
+    model = _load(args)
+    for piece in model.stream(args.prompt, **_sampling_kwargs(args)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    print(f"[{model.last_stats.summary()}]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    model = _load(args)
+    messages = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    print("Chatting with", model.name, "- /exit or Ctrl-D to quit, Ctrl-C stops an answer.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            continue
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = []
+        try:
+            for piece in model.stream_chat(messages, **_sampling_kwargs(args)):
+                reply.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write(" [stopped]")
+        print()
+        print(f"[{model.last_stats.summary()}]", file=sys.stderr)
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_models(args) -> int:
+    from .loading.catalogue import CATALOGUE, DEFAULT_MODEL
+
+    for name, entry in CATALOGUE.items():
+        path = entry.locate()
+        status = f"installed: {path}" if path else f"not installed: {entry.install_command}"
+        default = " (default)" if name == DEFAULT_MODEL else ""
+        print(f"{name}{default}\n  {entry.description}\n  {status}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lucid", description="Run and look inside transformer language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="stream a completion of a prompt")
+    p.add_argument("prompt")
+    _add_model_arg(p)
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="multi-turn chat using the model's chat template")
+    _add_model_arg(p)
+    _add_sampling_args(p)
+    p.add_argument("--system", default=None, help="system message")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("models", help="list the model catalogue and what is installed")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LucidError as e:
+        print(f"lucid: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""The autoregressive loop: prefill the prompt once, then one token per step.
+
+`generate_tokens` is the single generator every front end consumes (Python API, CLI,
+tracing, benchmarks): it yields one `Step` per new token, as soon as it is chosen. It
+knows nothing about text; `TextStream` turns the steps into text pieces, handles stop
+strings and measures time to first token and decode speed.
+
+    prompt ids --prefill--> logits of the last position --sample--> token 1
+    token 1    --decode---> logits                      --sample--> token 2   ...
+
+With `use_cache=False` every step re-runs the model over the whole sequence so far: the
+same result, quadratic cost (the seeds' with/without-cache experiment).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import torch
+
+from .errors import ContextOverflowError, InvalidArgumentError
+from .sampling import Sampler
+
+
+@dataclass
+class Step:
+    token_id: int
+    logprobs: torch.Tensor  # (V,) log-softmax of the model's raw logits at this step
+
+
+def check_fits(prompt_len: int, max_new_tokens: int, context_length: int) -> None:
+    if prompt_len == 0:
+        raise InvalidArgumentError("the prompt is empty")
+    if max_new_tokens < 0:
+        raise InvalidArgumentError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if prompt_len + max_new_tokens > context_length:
+        raise ContextOverflowError(
+            f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+            f"model's context length of {context_length} tokens"
+        )
+
+
+@torch.inference_mode()
+def generate_tokens(model, prompt_ids: list[int], sampler: Sampler, max_new_tokens: int,
+                    stop_ids: Iterable[int] = (), use_cache: bool = True) -> Iterator[Step]:
+    """Yield up to `max_new_tokens` steps; stops after yielding a token in `stop_ids`."""
+    check_fits(len(prompt_ids), max_new_tokens, model.config.context_length)
+    stop_ids = set(stop_ids)
+    device = model.lm_head.weight.device
+    sequence = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
+    cache = model.new_cache(1, len(prompt_ids) + max_new_tokens) if use_cache else None
+    if max_new_tokens == 0:
+        return
+    logits = model(sequence, cache)[:, -1]  # prefill: (1, V)
+    for step in range(max_new_tokens):
+        next_id = sampler(logits, sequence)  # (1,)
+        token_id = int(next_id[0])
+        yield Step(token_id, torch.log_softmax(logits[0].float(), dim=-1))
+        if token_id in stop_ids or step == max_new_tokens - 1:
+            return
+        sequence = torch.cat([sequence, next_id.view(1, 1)], dim=1)
+        if cache is not None:
+            logits = model(next_id.view(1, 1), cache)[:, -1]  # decode one position
+        else:
+            logits = model(sequence)[:, -1]  # recompute everything
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    time_to_first_token: float = 0.0  # seconds from start (tokenization included) to the first token
+    decode_seconds: float = 0.0  # from the first token to the last
+    finish_reason: str = "length"  # "stop" (EOS or stop string) or "length"
+    token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens after the first, per second of decode (the first one is paid by prefill)."""
+        return (self.new_tokens - 1) / self.decode_seconds if self.new_tokens > 1 and self.decode_seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        return (f"{self.prompt_tokens} prompt tokens, time to first token {self.time_to_first_token * 1000:.0f} ms, "
+                f"{self.new_tokens} new tokens at {self.decode_tokens_per_second:.1f} tok/s")
+
+
+def _longest_stop_prefix(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of a stop string:
+    that much text must be held back, since the next token may complete the stop string."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:n]):
+                best = n
+                break
+    return best
+
+
+class TextStream:
+    """Consume `generate_tokens`, yielding text pieces; fills `stats` as it goes.
+
+    Stop ids end generation without their text; stop strings end it with the text cut
+    just before the stop string. Text that might be the start of a stop string is held
+    back until it is clear that it is not.
+    """
+
+    def __init__(self, steps: Iterator[Step], decoder, stop_ids: Iterable[int], stop_strings: list[str],
+                 stats: GenerationStats, started: float):
+        self.steps, self.decoder, self.stop_ids = steps, decoder, set(stop_ids)
+        self.stop_strings = [s for s in stop_strings if s]
+        self.stats, self.started = stats, started
+
+    def __iter__(self) -> Iterator[str]:
+        pending = ""
+        first_token_at = None
+        for step in self.steps:
+            now = time.perf_counter()
+            if first_token_at is None:
+                first_token_at = now
+                self.stats.time_to_first_token = now - self.started
+            self.stats.decode_seconds = now - first_token_at
+            self.stats.new_tokens += 1
+            if step.token_id in self.stop_ids:
+                self.stats.finish_reason = "stop"
+                break
+            self.stats.token_ids.append(step.token_id)
+            pending += self.decoder.push(step.token_id)
+            cut = min((i for i in (pending.find(s) for s in self.stop_strings) if i >= 0), default=-1)
+            if cut >= 0:
+                self.stats.finish_reason = "stop"
+                if pending[:cut]:
+                    yield pending[:cut]
+                self.steps.close()
+                return
+            hold = _longest_stop_prefix(pending, self.stop_strings)
+            if len(pending) > hold:
+                yield pending[: len(pending) - hold]
+                pending = pending[len(pending) - hold:]
+        pending += self.decoder.flush()
+        if pending:
+            yield pending

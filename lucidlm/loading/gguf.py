@@ -1,0 +1,170 @@
+"""Reading GGUF files: the header, the metadata and the tensor directory.
+
+GGUF (llama.cpp's format, spec: github.com/ggml-org/ggml/blob/master/docs/gguf.md) is
+
+    magic "GGUF" | version u32 | tensor_count u64 | kv_count u64
+    kv_count x (key: string, value_type: u32, value)
+    tensor_count x (name: string, n_dims: u32, dims: u64[n_dims], ggml_type: u32, offset: u64)
+    padding to `general.alignment` (default 32)
+    tensor data, each tensor at data_start + offset
+
+with little-endian integers and strings stored as (u64 length, utf-8 bytes). We parse the
+header ourselves with `struct` rather than with the `gguf` package's reader because that
+reader builds a numpy view for every one of the ~50k vocabulary strings and takes
+seconds; this parser takes tens of milliseconds. Tensor data is memory-mapped, not read.
+
+Dims are listed fastest-varying first (ggml's `ne[0]` is the row length), so a PyTorch
+weight of shape (out_features, in_features) appears here as dims [in, out].
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ModelFileError
+from .quants import GGML_TYPES, tensor_nbytes
+
+GGUF_MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+
+# value_type -> struct format for the scalar types of the metadata
+_SCALAR_FORMATS = {
+    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i",
+    6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d",
+}
+_STRING, _ARRAY = 8, 9
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in the file and how it is encoded."""
+
+    name: str
+    dims: tuple[int, ...]  # ggml order: dims[0] is the contiguous row length
+    ggml_type: int
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The PyTorch shape (slowest-varying first), e.g. (out_features, in_features)."""
+        return tuple(reversed(self.dims))
+
+    @property
+    def type_name(self) -> str:
+        return GGML_TYPES[self.ggml_type].name if self.ggml_type in GGML_TYPES else f"type {self.ggml_type}"
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.dims)) if self.dims else 1
+
+
+class _Cursor:
+    """Sequential little-endian reads from a buffer, reporting truncation clearly."""
+
+    def __init__(self, buf, path: Path):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.buf):
+            raise ModelFileError(f"{self.path}: GGUF header is truncated at byte {self.pos}")
+        chunk = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+    def scalar(self, fmt: str):
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        length = self.scalar("<Q")
+        if length > len(self.buf):
+            raise ModelFileError(f"{self.path}: corrupt GGUF string length {length} at byte {self.pos}")
+        return bytes(self.take(length)).decode("utf-8", errors="replace")
+
+    def value(self, value_type: int):
+        if value_type in _SCALAR_FORMATS:
+            return self.scalar(_SCALAR_FORMATS[value_type])
+        if value_type == _STRING:
+            return self.string()
+        if value_type == _ARRAY:
+            item_type, count = self.scalar("<I"), self.scalar("<Q")
+            if count > len(self.buf):
+                raise ModelFileError(f"{self.path}: corrupt GGUF array length {count}")
+            if item_type in _SCALAR_FORMATS:
+                # One struct call for the whole array: token types and scores are 50k+ long.
+                fmt = _SCALAR_FORMATS[item_type]
+                size = struct.calcsize(fmt)
+                return list(struct.unpack(f"<{count}{fmt[1]}", self.take(size * count)))
+            return [self.value(item_type) for _ in range(count)]
+        raise ModelFileError(f"{self.path}: unknown GGUF metadata value type {value_type}")
+
+
+class GGUFFile:
+    """An opened GGUF file: `metadata` (key -> python value) and `tensors` (name -> TensorInfo).
+
+    Tensor bytes stay on disk, memory-mapped; `raw(name)` returns a read-only numpy view.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise ModelFileError(f"model file not found: {self.path}")
+        if self.path.is_dir():
+            raise ModelFileError(f"{self.path} is a directory, not a GGUF file")
+        with open(self.path, "rb") as f:
+            if f.read(4) != GGUF_MAGIC:
+                raise ModelFileError(f"{self.path} is not a GGUF file (it does not start with 'GGUF')")
+            f.seek(0)
+            self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.metadata, self.tensors = self._parse_header()
+
+    def _parse_header(self):
+        cur = _Cursor(memoryview(self._mmap), self.path)
+        cur.take(4)
+        version = cur.scalar("<I")
+        if version not in (2, 3):
+            raise ModelFileError(f"{self.path}: unsupported GGUF version {version} (expected 2 or 3)")
+        n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
+        if n_tensors > 1_000_000 or n_kv > 1_000_000:
+            raise ModelFileError(f"{self.path}: corrupt GGUF header ({n_tensors} tensors, {n_kv} keys)")
+        metadata = {}
+        for _ in range(n_kv):
+            key = cur.string()
+            metadata[key] = cur.value(cur.scalar("<I"))
+        infos = []
+        for _ in range(n_tensors):
+            name = cur.string()
+            n_dims = cur.scalar("<I")
+            dims = tuple(cur.scalar("<Q") for _ in range(n_dims))
+            infos.append((name, dims, cur.scalar("<I"), cur.scalar("<Q")))
+        alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+        data_start = (cur.pos + alignment - 1) // alignment * alignment
+
+        tensors = {}
+        for name, dims, ggml_type, offset in infos:
+            nbytes = tensor_nbytes(ggml_type, dims, name)  # raises for unknown types
+            start = data_start + offset
+            if start + nbytes > len(self._mmap):
+                raise ModelFileError(
+                    f"{self.path} is truncated: tensor '{name}' needs bytes up to {start + nbytes:,} "
+                    f"but the file has {len(self._mmap):,}"
+                )
+            tensors[name] = TensorInfo(name, dims, ggml_type, start, nbytes)
+        return metadata, tensors
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's encoded bytes as a read-only uint8 view of the mapped file."""
+        info = self.tensors[name]
+        return np.frombuffer(self._mmap, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+
+    @property
+    def architecture(self) -> str:
+        arch = self.metadata.get("general.architecture")
+        if not isinstance(arch, str):
+            raise ModelFileError(f"{self.path}: GGUF metadata has no 'general.architecture'")
+        return arch

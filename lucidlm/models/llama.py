@@ -1,0 +1,129 @@
+"""Llama-family decoder (Llama 2/3, SmolLM, Mistral-style dense models), top to bottom.
+
+    tokens -> embed_tokens -> N x [ x + attn(norm(x)) ; x + mlp(norm(x)) ] -> norm -> lm_head -> logits
+
+Each block is pre-norm (RMSNorm before attention and before the MLP, the residual stream
+itself never normalised), attention uses RoPE and grouped-query heads, the MLP is SwiGLU.
+Attribute names follow the Hugging Face checkpoint keys without the `model.` prefix
+(`layers.0.self_attn.q_proj.weight`, ...), so loading is a checked copy by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..cache import KVCache
+from .layers import Embedding, RMSNorm, RotaryEmbedding, SwiGLU, attention_mask, scaled_dot_product_attention, token_positions
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    d_model: int  # residual stream width ("hidden_size")
+    n_layers: int
+    n_heads: int  # query heads
+    n_kv_heads: int  # key/value heads; n_heads / n_kv_heads query heads share each (GQA)
+    d_ff: int  # SwiGLU hidden width ("intermediate_size")
+    context_length: int
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    head_dim: int | None = None  # defaults to d_model / n_heads
+    architecture: str = "llama"
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"{self.n_heads} query heads cannot be grouped over {self.n_kv_heads} KV heads")
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """float32 bytes the KV cache grows by per token: K and V for every layer and KV head."""
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * 4
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.explicit = False  # True: materialise attention weights (see scaled_dot_product_attention)
+        self.last_weights: torch.Tensor | None = None
+
+    def forward(self, x, rope: RotaryEmbedding, positions, mask, cache: KVCache | None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = rope(q, positions), rope(k, positions)
+        if cache is not None:
+            k, v = cache.update(self.layer_index, k, v)  # (B, H_kv, S, D)
+        out, self.last_weights = scaled_dot_product_attention(
+            q, k, v, mask, scale=self.head_dim**-0.5, explicit=self.explicit
+        )
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
+        return self.o_proj(out)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer_index: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer_index)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, cfg.d_ff)
+
+    def forward(self, x, rope, positions, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), rope, positions, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_base, cfg.context_length)
+
+    def new_cache(self, batch: int, max_positions: int | None = None) -> KVCache:
+        cfg = self.config
+        return KVCache(cfg.n_layers, batch, cfg.n_kv_heads, max_positions or cfg.context_length, cfg.head_dim,
+                       dtype=self.embed_tokens.weight.dtype, device=self.embed_tokens.weight.device)
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
+                valid: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, V).
+
+        valid (B, T) bool marks real tokens (False for left padding); with a cache the new
+        tokens are appended after the `cache.length` positions already stored.
+        """
+        B, T = tokens.shape
+        if valid is None:
+            valid = torch.ones(B, T, dtype=torch.bool, device=tokens.device)
+        start = 0
+        if cache is not None:
+            start = cache.length
+            cache.append_mask(valid)
+            valid = cache.valid[:, : start + T]  # (B, S): past and new positions
+        positions = token_positions(valid, start, T)  # (B, T)
+        mask = attention_mask(valid, start, T)  # (B, 1, T, S) or None
+
+        x = self.embed_tokens(tokens)  # (B, T, C)
+        for block in self.layers:
+            x = block(x, self.rope, positions, mask, cache)
+        if cache is not None:
+            cache.advance(T)
+        return self.lm_head(self.norm(x)).float()  # (B, T, V)
