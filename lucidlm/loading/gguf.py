@@ -142,7 +142,9 @@ class GGUFFile:
             n_dims = cur.scalar("<I")
             dims = tuple(cur.scalar("<Q") for _ in range(n_dims))
             infos.append((name, dims, cur.scalar("<I"), cur.scalar("<Q")))
-        alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+        alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 or alignment % 8:
+            raise ModelFileError(f"{self.path}: invalid general.alignment {alignment!r} (must be a positive multiple of 8)")
         data_start = (cur.pos + alignment - 1) // alignment * alignment
 
         tensors = {}

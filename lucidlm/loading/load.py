@@ -42,6 +42,8 @@ def build_tokenizer(meta: dict, path: Path):
         raise ModelFileError(f"{path}: GGUF file has no tokenizer (no 'tokenizer.ggml.model' key)")
     if kind != "gpt2":
         raise UnsupportedError(f"{path}: tokenizer type '{kind}' is not supported yet (supported: gpt2 byte-level BPE)")
+    if not isinstance(meta.get("tokenizer.ggml.tokens"), list):
+        raise ModelFileError(f"{path}: GGUF file has no vocabulary (no 'tokenizer.ggml.tokens' array)")
     return BPETokenizer.from_gguf_metadata(meta)
 
 
@@ -76,6 +78,10 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bo
             raise ModelFileError(f"{gguf.path}: tensor '{g}' has shape {info.shape}, expected {expected[ours]}")
 
     tokenizer = build_tokenizer(gguf.metadata, gguf.path)
+    if tokenizer.vocab_size != cfg.vocab_size:
+        # The model could then produce ids the tokenizer cannot decode (or the reverse).
+        raise ModelFileError(f"{gguf.path}: the tokenizer has {tokenizer.vocab_size} tokens "
+                             f"but the model's vocabulary size is {cfg.vocab_size}")
     state = {}
     bar = Progress(f"Loading {gguf.path.name}", len(names), enabled=progress)
     for n, (g, ours) in enumerate(names.items()):

@@ -67,6 +67,8 @@ def tensor_nbytes(ggml_type: int, dims: tuple[int, ...], name: str) -> int:
 
 def check_supported(ggml_type: int, name: str) -> None:
     """Raise a clear error if LucidLM cannot decode this tensor type."""
+    if ggml_type not in GGML_TYPES:
+        raise UnsupportedError(f"tensor '{name}' has unknown ggml type id {ggml_type}")
     type_name = GGML_TYPES[ggml_type].name
     if type_name not in SUPPORTED_TYPES:
         raise UnsupportedError(

