@@ -30,7 +30,6 @@ class Progress:
             self.shown, self.last_percent = True, percent
 
     def close(self) -> None:
-        took_long = time.perf_counter() - self.started >= self.delay
-        if self.shown or (self.enabled and took_long):
+        if self.shown:
             self.stream.write(f"\r{self.label}: done in {time.perf_counter() - self.started:.1f} s\n")
             self.stream.flush()

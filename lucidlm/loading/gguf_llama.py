@@ -63,12 +63,12 @@ LLAMA_TENSOR_NAMES = {
 }
 
 
-def llama_name_map(cfg: LlamaConfig) -> dict[str, str]:
-    """Every GGUF tensor name this config expects -> our parameter name."""
+def expand_layer_names(table: dict[str, str], n_layers: int) -> dict[str, str]:
+    """A name table with "{i}" patterns -> every GGUF tensor name -> our parameter name."""
     names = {}
-    for gguf_name, our_name in LLAMA_TENSOR_NAMES.items():
+    for gguf_name, our_name in table.items():
         if "{i}" in gguf_name:
-            for i in range(cfg.n_layers):
+            for i in range(n_layers):
                 names[gguf_name.format(i=i)] = our_name.format(i=i)
         else:
             names[gguf_name] = our_name

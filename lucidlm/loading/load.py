@@ -14,16 +14,19 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelFileError, UnsupportedError
+from ..models.gemma3 import Gemma3
 from ..models.llama import Llama
 from ..progress import Progress
 from ..tokenizers import BPETokenizer
 from .gguf import GGUFFile
-from .gguf_llama import llama_config, llama_fix_up, llama_name_map
+from .gguf_gemma3 import GEMMA3_TENSOR_NAMES, gemma3_config, gemma3_fix_up
+from .gguf_llama import LLAMA_TENSOR_NAMES, expand_layer_names, llama_config, llama_fix_up
 from .quants import check_supported, dequantize
 
-# general.architecture -> (config builder, model class, name map, fix-up)
+# general.architecture -> (config builder, model class, name table, fix-up)
 GGUF_ARCHITECTURES = {
-    "llama": (llama_config, Llama, llama_name_map, llama_fix_up),
+    "llama": (llama_config, Llama, LLAMA_TENSOR_NAMES, llama_fix_up),
+    "gemma3": (gemma3_config, Gemma3, GEMMA3_TENSOR_NAMES, gemma3_fix_up),
 }
 
 
@@ -54,7 +57,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bo
         raise UnsupportedError(
             f"{gguf.path}: architecture '{arch}' is not supported (supported: {', '.join(GGUF_ARCHITECTURES)})"
         )
-    make_config, model_class, name_map, fix_up = GGUF_ARCHITECTURES[arch]
+    make_config, model_class, name_table, fix_up = GGUF_ARCHITECTURES[arch]
     cfg = make_config(gguf.metadata, arch)
     if "output.weight" not in gguf.tensors:
         cfg = type(cfg)(**{**cfg.__dict__, "tie_embeddings": True})
@@ -65,7 +68,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bo
         model = model_class(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
-    names = {g: ours for g, ours in name_map(cfg).items() if g in gguf.tensors or ours in expected}
+    names = {g: ours for g, ours in expand_layer_names(name_table, cfg.n_layers).items() if g in gguf.tensors or ours in expected}
     if cfg.tie_embeddings:
         names.pop("output.weight", None)
     missing = [g for g in names if g not in gguf.tensors]

@@ -18,6 +18,7 @@ the `gguf` package's reference numpy implementation.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,7 +60,7 @@ def tensor_nbytes(ggml_type: int, dims: tuple[int, ...], name: str) -> int:
     if ggml_type not in GGML_TYPES:
         raise UnsupportedError(f"tensor '{name}' has unknown ggml type id {ggml_type}")
     t = GGML_TYPES[ggml_type]
-    n = int(np.prod(dims)) if dims else 1
+    n = math.prod(dims)  # Python ints: corrupt huge dims must not wrap around as int64 would
     if dims and dims[0] % t.block_size:
         raise ModelFileError(f"tensor '{name}': row length {dims[0]} is not a multiple of the {t.name} block size")
     return n // t.block_size * t.type_size
