@@ -43,3 +43,33 @@ def hf_smollm_model(smollm_path):
     model = AutoModelForCausalLM.from_pretrained(smollm_path.parent, gguf_file=smollm_path.name,
                                                  dtype=torch.float32)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def gemma_path():
+    path = CATALOGUE["gemma3-270m"].locate()
+    if path is None:
+        pytest.fail("Gemma 3 is not installed: " + CATALOGUE["gemma3-270m"].install_command)
+    return path
+
+
+@pytest.fixture(scope="session")
+def lucid_gemma(gemma_path):
+    import lucidlm
+
+    return lucidlm.load("gemma3-270m", progress=False)
+
+
+@pytest.fixture(scope="session")
+def hf_gemma_tokenizer(gemma_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gemma_path.parent, gguf_file=gemma_path.name)
+
+
+@pytest.fixture(scope="session")
+def hf_gemma_model(gemma_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(gemma_path.parent, gguf_file=gemma_path.name, dtype=torch.float32)
+    return model.eval()

@@ -118,7 +118,7 @@ def test_models_lists_the_installed_default():
     result, _ = lucid("models")
     assert result.returncode == 0, result.stderr
     entry = CATALOGUE["smollm2-135m-instruct"]
-    installed = Path(importlib.util.find_spec(entry.module).origin).parent / entry.filename
+    installed = Path(importlib.util.find_spec(entry.module).origin).parent / entry.relative_path
     assert installed.is_file()
     assert "smollm2-135m-instruct (default)" in result.stdout
     assert f"installed: {installed}" in result.stdout

@@ -18,6 +18,7 @@ from ..models.gemma3 import Gemma3
 from ..models.llama import Llama
 from ..progress import Progress
 from ..tokenizers import BPETokenizer
+from ..tokenizers.registry import tokenizer_from_gguf_metadata
 from .gguf import GGUFFile
 from .gguf_gemma3 import GEMMA3_TENSOR_NAMES, gemma3_config, gemma3_fix_up
 from .gguf_llama import LLAMA_TENSOR_NAMES, expand_layer_names, llama_config, llama_fix_up
@@ -40,14 +41,7 @@ class LoadedGGUF:
 
 
 def build_tokenizer(meta: dict, path: Path):
-    kind = meta.get("tokenizer.ggml.model")
-    if kind is None:
-        raise ModelFileError(f"{path}: GGUF file has no tokenizer (no 'tokenizer.ggml.model' key)")
-    if kind != "gpt2":
-        raise UnsupportedError(f"{path}: tokenizer type '{kind}' is not supported yet (supported: gpt2 byte-level BPE)")
-    if not isinstance(meta.get("tokenizer.ggml.tokens"), list):
-        raise ModelFileError(f"{path}: GGUF file has no vocabulary (no 'tokenizer.ggml.tokens' array)")
-    return BPETokenizer.from_gguf_metadata(meta)
+    return tokenizer_from_gguf_metadata(meta, str(path))
 
 
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = True) -> LoadedGGUF:

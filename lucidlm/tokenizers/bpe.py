@@ -11,11 +11,11 @@ Encoding runs in four steps:
 import heapq
 from functools import lru_cache
 
-import regex
-
 from lucidlm.errors import UnsupportedError
 from lucidlm.tokenizers.byte_level import bytes_to_unicode, unicode_to_bytes
-from lucidlm.tokenizers.pretokenize import pre_tokenizer_for
+from lucidlm.tokenizers.normalize import Normalizer
+from lucidlm.tokenizers.pretokenize import PreTokenizer, PreTokenizerPipeline, pre_tokenizer_for
+from lucidlm.tokenizers.whole_tokens import WholeTokens
 
 # Values of `tokenizer.ggml.token_type` (llama.cpp's token attributes).
 TOKEN_TYPE_NORMAL = 1
@@ -36,9 +36,13 @@ class BPETokenizer:
 
     `tokens` are vocabulary strings in the byte-level spelling, indexed by id; `merges` are
     "left right" pairs, best first; `token_types` uses GGUF's codes (None: all normal);
-    `pre` names the pre-tokenizer (see pretokenize.py). `unk_id` and `pad_id` are recorded
-    for callers: every byte has a token in a complete byte-level vocabulary, so encoding
-    never needs an unknown token.
+    `pre` names the pre-tokenizer (see pretokenize.py) or is one. `unk_id` and `pad_id` are
+    recorded for callers: every byte has a token in a complete byte-level vocabulary, so
+    encoding never needs an unknown token.
+
+    Options a tokenizer.json may set: `normalizer` rewrites each span before splitting (Qwen 2:
+    NFC); with `ignore_merges`, a word that is itself a token is not merged (Llama 3);
+    `whole_tokens` replaces the control/user-defined tokens as the ones matched whole.
     """
 
     def __init__(
@@ -53,14 +57,21 @@ class BPETokenizer:
         add_eos: bool = False,
         unk_id: int | None = None,
         pad_id: int | None = None,
+        normalizer: Normalizer | None = None,
+        ignore_merges: bool = False,
+        whole_tokens: WholeTokens | None = None,
     ):
         self._tokens = list(tokens)
         self._token_to_id = {token: index for index, token in enumerate(self._tokens)}
         # Each merge is "left right"; its position in the list is its priority (lower first).
         self._merge_ranks = {tuple(merge.split(" ", 1)): rank for rank, merge in enumerate(merges)}
         types = list(token_types) if token_types is not None else [TOKEN_TYPE_NORMAL] * len(self._tokens)
-        self._pre_tokenizer = pre_tokenizer_for(pre)
-        self.pre = pre
+        if isinstance(pre, (PreTokenizer, PreTokenizerPipeline)):
+            self._pre_tokenizer, self.pre = pre, pre.name
+        else:
+            self._pre_tokenizer, self.pre = pre_tokenizer_for(pre), pre
+        self._normalizer = normalizer
+        self._ignore_merges = ignore_merges
         self.bos_id = bos_id
         self.eos_id = eos_id
         self.add_bos = add_bos
@@ -73,8 +84,11 @@ class BPETokenizer:
         # Control and user-defined tokens are matched whole in the input text.
         matched_whole = (TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED)
         whole_ids = {i for i, kind in enumerate(types) if kind in matched_whole and self._tokens[i]}
-        self._whole_token_ids = {self._tokens[i]: i for i in sorted(whole_ids)}
-        self._whole_token_splitter = _alternation_longest_first(self._whole_token_ids)
+        if whole_tokens is None:
+            whole_tokens = WholeTokens({self._tokens[i]: i for i in sorted(whole_ids)})
+        else:
+            whole_ids = set(whole_tokens.ids.values())
+        self._whole_tokens = whole_tokens
         self._token_bytes = [self._spelled_bytes(i, i in whole_ids) for i in range(len(self._tokens))]
         self._word_ids = lru_cache(maxsize=_WORD_CACHE_SIZE)(self._bpe_word_ids)
 
@@ -132,25 +146,22 @@ class BPETokenizer:
         ids: list[int] = []
         if add_special and self.add_bos and self.bos_id is not None:
             ids.append(self.bos_id)
-        for span in self._split_on_whole_tokens(text):
-            whole_id = self._whole_token_ids.get(span)
+        for span, whole_id in self._whole_tokens.split(text):
             if whole_id is not None:
                 ids.append(whole_id)
                 continue
+            if self._normalizer is not None:
+                span = self._normalizer(span)
             for word in self._pre_tokenizer.split(span):
                 ids.extend(self._word_ids(word))
         if add_special and self.add_eos and self.eos_id is not None:
             ids.append(self.eos_id)
         return ids
 
-    def _split_on_whole_tokens(self, text: str) -> list[str]:
-        if self._whole_token_splitter is None:
-            return [text] if text else []
-        # A capturing split keeps the matched special tokens as their own spans.
-        return [span for span in self._whole_token_splitter.split(text) if span]
-
     def _bpe_word_ids(self, word: str) -> tuple[int, ...]:
         spelled = word.encode("utf-8").decode("latin-1").translate(_SPELL_LATIN1)
+        if self._ignore_merges and spelled in self._token_to_id:
+            return (self._token_to_id[spelled],)
         ids = []
         for piece in self._merge(spelled):
             token_id = self._token_to_id.get(piece)
@@ -212,13 +223,3 @@ class BPETokenizer:
         if matched_whole or not all(char in alphabet for char in text):
             return text.encode("utf-8")
         return bytes(alphabet[char] for char in text)
-
-
-def _alternation_longest_first(tokens: dict[str, int]) -> regex.Pattern | None:
-    """A capturing regex matching any of `tokens`, preferring the longest at each position."""
-    if not tokens:
-        return None
-    # Alternation takes the first branch that matches, so longer tokens go first: then
-    # "<|im_start|>" wins over a hypothetical "<|im" at the same position.
-    ordered = sorted(tokens, key=len, reverse=True)
-    return regex.compile("(" + "|".join(regex.escape(token) for token in ordered) + ")")
