@@ -425,11 +425,11 @@ def test_unknown_catalogue_name():
     assert "smollm2-135m-instruct" in message  # the error lists what the catalogue has
 
 
-def test_tokenizer_model_not_gpt2(tmp_path):
+def test_unsupported_tokenizer_model(tmp_path):
     meta = tiny_metadata()
-    meta["tokenizer.ggml.model"] = ("llama", V.STRING)
+    meta["tokenizer.ggml.model"] = ("rwkv", V.STRING)
     path = write_gguf(tmp_path / "m.gguf", meta, random_tiny_tensors())
-    _raises(UnsupportedError, path, "'llama'")
+    _raises(UnsupportedError, path, "'rwkv'")
 
 
 def test_no_tokenizer_tokens(tmp_path):

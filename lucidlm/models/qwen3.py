@@ -1,0 +1,148 @@
+"""Qwen3 dense decoder (Qwen team 2025, "Qwen3 Technical Report", arXiv:2505.09388), top to bottom.
+
+    tokens -> embed_tokens -> N x [ x + attn(norm(x)) ; x + mlp(norm(x)) ] -> norm -> lm_head -> logits
+
+Llama's computation and names, with QK-norm: every query and key head is RMS-normalised over
+its D dimensions (`q_norm`, `k_norm`, one weight vector of size D shared by all heads) before
+RoPE. Bounding the size of q and k keeps attention logits from growing without limit, which
+stabilises training; Qwen3 drops Qwen2's q/k/v biases in exchange (`attention_bias` false).
+head_dim is set explicitly and need not be d_model / n_heads (Qwen3-0.6B: 16 heads of 128
+in a 1024-wide model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..cache import KVCache
+from ..introspect.hook_point import HookPoint
+from .layers import (Embedding, RMSNorm, RotaryEmbedding, SwiGLU, attention_mask, scaled_dot_product_attention,
+                     token_positions)
+
+
+@dataclass(frozen=True)
+class Qwen3Config:
+    vocab_size: int
+    d_model: int  # "hidden_size"
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_ff: int  # "intermediate_size"
+    context_length: int
+    rope_base: float = 1000000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    attention_bias: bool = False  # biases on q, k, v and o projections
+    head_dim: int | None = None  # defaults to d_model / n_heads
+    architecture: str = "qwen3"
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"{self.n_heads} query heads cannot be grouped over {self.n_kv_heads} KV heads")
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """float32 bytes the KV cache grows by per token: K and V for every layer and KV head."""
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * 4
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with QK-norm, then RoPE."""
+
+    def __init__(self, cfg: Qwen3Config, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=bias)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)  # over D, for every query head
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.explicit = False  # True: materialise attention weights (see scaled_dot_product_attention)
+        name = f"blocks.{layer_index}.attn."
+        self.hook_q, self.hook_k, self.hook_v = (HookPoint(name + s) for s in ("hook_q", "hook_k", "hook_v"))
+        self.hook_rot_q, self.hook_rot_k = HookPoint(name + "hook_rot_q"), HookPoint(name + "hook_rot_k")
+        self.hook_pattern, self.hook_z = HookPoint(name + "hook_pattern"), HookPoint(name + "hook_z")
+
+    def forward(self, x, rope: RotaryEmbedding, positions, mask, cache: KVCache | None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        q, k = self.hook_q(self.q_norm(q)), self.hook_k(self.k_norm(k))  # QK-norm over D, before RoPE
+        v = self.hook_v(self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2))
+        q, k = self.hook_rot_q(rope(q, positions)), self.hook_rot_k(rope(k, positions))
+        if cache is not None:
+            k, v = cache.update(self.layer_index, k, v)  # (B, H_kv, S, D)
+        z, _ = scaled_dot_product_attention(q, k, v, mask, scale=self.head_dim**-0.5,
+                                            explicit=self.explicit or self.hook_pattern.active,
+                                            weights_hook=self.hook_pattern)
+        z = self.hook_z(z)  # (B, H, T, D)
+        return self.o_proj(z.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Qwen3Config, layer_index: int):
+        super().__init__()
+        name = f"blocks.{layer_index}."
+        self.hook_resid_pre = HookPoint(name + "hook_resid_pre")
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer_index)
+        self.hook_attn_out, self.hook_resid_mid = HookPoint(name + "hook_attn_out"), HookPoint(name + "hook_resid_mid")
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, cfg.d_ff)
+        self.hook_mlp_out, self.hook_resid_post = HookPoint(name + "hook_mlp_out"), HookPoint(name + "hook_resid_post")
+
+    def forward(self, x, rope, positions, mask, cache):
+        x = self.hook_resid_pre(x)  # (B, T, C)
+        attn_out = self.hook_attn_out(self.self_attn(self.input_layernorm(x), rope, positions, mask, cache))
+        x = self.hook_resid_mid(x + attn_out)
+        mlp_out = self.hook_mlp_out(self.mlp(self.post_attention_layernorm(x)))
+        return self.hook_resid_post(x + mlp_out)
+
+
+class Qwen3(nn.Module):
+    def __init__(self, cfg: Qwen3Config):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.d_model)
+        self.hook_embed = HookPoint("hook_embed")
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.hook_final_norm = HookPoint("hook_final_norm")
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_base, cfg.context_length)
+
+    def new_cache(self, batch: int, max_positions: int | None = None) -> KVCache:
+        cfg = self.config
+        return KVCache(cfg.n_layers, batch, cfg.n_kv_heads, max_positions or cfg.context_length, cfg.head_dim,
+                       dtype=self.embed_tokens.weight.dtype, device=self.embed_tokens.weight.device)
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
+                valid: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, V); `valid` and `cache` as in `Llama.forward`."""
+        B, T = tokens.shape
+        if valid is None:
+            valid = torch.ones(B, T, dtype=torch.bool, device=tokens.device)
+        start = 0
+        if cache is not None:
+            start = cache.length
+            cache.append_mask(valid)
+            valid = cache.valid[:, : start + T]  # (B, S): past and new positions
+        positions = token_positions(valid, start, T)  # (B, T)
+        mask = attention_mask(valid, start, T)  # (B, 1, T, S) or None
+
+        x = self.hook_embed(self.embed_tokens(tokens))  # (B, T, C)
+        for block in self.layers:
+            x = block(x, self.rope, positions, mask, cache)
+        if cache is not None:
+            cache.advance(T)
+        return self.lm_head(self.hook_final_norm(self.norm(x))).float()  # (B, T, V)

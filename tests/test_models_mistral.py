@@ -1,0 +1,55 @@
+"""Mistral loaded from a tiny transformers-made checkpoint directory vs transformers' MistralForCausalLM,
+with a sliding window of 4 and prompts longer than it."""
+
+import pytest
+
+from lucidlm.models.mistral import Mistral
+from tiny_hf import (assert_cached_equals_uncached, assert_greedy_matches_reference, assert_hooks_see_every_block,
+                     assert_matches_reference, assert_padded_batch_equals_alone, assert_reference_applies_window,
+                     load_ours, random_tokens, save_tiny)
+
+WINDOW = 4
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    from transformers import MistralConfig
+
+    cfg = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                        sliding_window=WINDOW, bos_token_id=0, eos_token_id=0)
+    path = tmp_path_factory.mktemp("mistral")
+    hf = save_tiny(cfg, path)
+    return hf, load_ours(path)
+
+
+def test_loads_with_window(pair):
+    _, ours = pair
+    assert isinstance(ours, Mistral) and ours.config.sliding_window == WINDOW
+
+
+def test_logits_match_reference_beyond_the_window(pair):
+    hf, ours = pair
+    tokens = random_tokens(2, 20)
+    assert_reference_applies_window(hf, tokens, WINDOW)
+    assert_matches_reference(ours, hf, tokens)
+
+
+def test_cached_decode_equals_uncached(pair):
+    _, ours = pair
+    assert_cached_equals_uncached(ours, random_tokens(2, 16), prefill=2)
+
+
+def test_padded_batch_equals_each_alone(pair):
+    _, ours = pair
+    assert_padded_batch_equals_alone(ours, random_tokens(3, 12), [12, 3, 9])
+
+
+def test_greedy_generation_matches_reference(pair):
+    hf, ours = pair
+    assert_greedy_matches_reference(ours, hf, random_tokens(1, 6)[0].tolist())
+
+
+def test_hook_points_and_logit_lens(pair):
+    _, ours = pair
+    assert_hooks_see_every_block(ours, random_tokens(2, 9))
