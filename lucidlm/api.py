@@ -9,6 +9,13 @@
 
 Generation defaults to greedy decoding (temperature 0); any temperature > 0 samples.
 After each generate/stream/chat call `m.last_stats` holds token counts and timings.
+
+Other strategies and per-token details (see `lucidlm.decoding`):
+
+    m.generate("Once upon a time", num_beams=4)                  # beam search
+    m.generate("Once upon a time", penalty_alpha=0.6, top_k=4)   # contrastive search
+    g = m.generate_detailed("Once upon a time", temperature=0.7, n=3, logprobs=5)
+    g.completions[1].text, g.completions[1].tokens[0].top        # 3 samples, top-5 log-probs
 """
 
 from __future__ import annotations
@@ -19,11 +26,14 @@ from typing import Iterator
 
 import torch
 
-from .errors import InvalidArgumentError
-from .generate import GenerationStats, TextStream, generate_tokens
+from .decoding import DecodingOptions, Generation, decode, token_steps
+from .errors import ContextOverflowError, InvalidArgumentError, LucidError
+from .generate import GenerationStats, TextStream
+from .introspect import ActivationCache, as_token_batch, hook_names, run_with_cache, run_with_hooks
 from .loading.catalogue import resolve
+from .loading.hf import load_hf, load_tokenizer_for_directory
 from .loading.load import load_gguf
-from .sampling import SamplingParams, make_sampler
+from .models.bert import mean_pool
 from .tokenizers import IncrementalDecoder
 from .tokenizers.chat import render_chat
 
@@ -56,12 +66,23 @@ class LucidModel:
                 ids.add(token_id)
         return ids
 
+    @property
+    def is_encoder(self) -> bool:
+        """True for encoder-only models (BERT): they embed text, they do not predict tokens."""
+        return not hasattr(self.model, "lm_head")
+
+    def _require_decoder(self) -> None:
+        if self.is_encoder:
+            raise LucidError(f"{self.name} is an encoder ({self.config.architecture}): it makes embeddings "
+                             "with embed(), it does not generate text")
+
     @torch.inference_mode()
     def logits(self, ids, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Float32 logits: a list of ids -> (T, V); a (B, T) tensor -> (B, T, V).
 
         `valid` (B, T) bool marks real tokens in a left-padded batch.
         """
+        self._require_decoder()
         if isinstance(ids, torch.Tensor) and ids.dim() == 2:
             return self.model(ids.long(), valid=valid)
         ids = torch.as_tensor(list(ids), dtype=torch.long)
@@ -69,29 +90,63 @@ class LucidModel:
             raise InvalidArgumentError("no token ids given")
         return self.model(ids[None])[0]
 
-    def stream(self, prompt: str | list[int], max_new_tokens: int = 128, temperature: float = 0.0,
-               top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-               seed: int | None = None, stop: str | list[str] | None = None, use_cache: bool = True) -> Iterator[str]:
-        """Yield the completion of `prompt` piece by piece as tokens are generated."""
-        started = time.perf_counter()
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                repetition_penalty=repetition_penalty, seed=seed)
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        self._require_decoder()
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidArgumentError("the prompt is empty")
-            prompt_ids = self.tokenizer.encode(prompt)
-        else:
-            prompt_ids = list(prompt)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        steps = generate_tokens(self.model, prompt_ids, make_sampler(params), max_new_tokens,
-                                stop_ids=self.stop_ids, use_cache=use_cache)
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def stream(self, prompt: str | list[int], max_new_tokens: int = 128, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+               seed: int | None = None, stop: str | list[str] | None = None, use_cache: bool = True,
+               penalty_alpha: float = 0.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+               logit_bias: dict[int, float] | None = None, no_repeat_ngram_size: int = 0,
+               min_new_tokens: int = 0, max_time: float | None = None) -> Iterator[str]:
+        """Yield the completion of `prompt` piece by piece as tokens are generated.
+
+        Greedy, sampling (temperature > 0) or contrastive search (penalty_alpha > 0, with
+        top_k candidates). presence/frequency_penalty and logit_bias as in OpenAI's API;
+        no_repeat_ngram_size bans repeating any n-gram; stop tokens are held back until
+        min_new_tokens tokens exist; max_time (seconds) bounds the whole call.
+        """
+        started = time.perf_counter()
+        options = DecodingOptions.from_kwargs(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+            repetition_penalty=repetition_penalty, seed=seed, stop=stop, use_cache=use_cache,
+            penalty_alpha=penalty_alpha, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+            logit_bias=logit_bias or {}, no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new_tokens,
+            max_time=max_time)
+        prompt_ids = self._prompt_ids(prompt)
+        steps = token_steps(self.model, prompt_ids, options, self.stop_ids)
         self.last_stats = GenerationStats(prompt_tokens=len(prompt_ids))
-        return iter(TextStream(steps, IncrementalDecoder(self.tokenizer), self.stop_ids, stops,
+        return iter(TextStream(steps, IncrementalDecoder(self.tokenizer), self.stop_ids, list(options.stop),
                                self.last_stats, started))
 
     def generate(self, prompt: str | list[int], **kwargs) -> str:
-        """The completion of `prompt` (without the prompt). Keyword arguments as for `stream`."""
-        return "".join(self.stream(prompt, **kwargs))
+        """The completion of `prompt` (without the prompt); for beam search the best one.
+        Keyword arguments as for `generate_detailed`."""
+        generation = self.generate_detailed(prompt, **kwargs)
+        if len(generation.completions) > 1:
+            raise InvalidArgumentError(f"{len(generation.completions)} completions were asked for: "
+                                       "use generate_detailed to get them all")
+        return generation.text
+
+    def generate_detailed(self, prompt: str | list[int], **kwargs) -> Generation:
+        """Every completion of `prompt` with its token ids, finish reason, beam score and,
+        with `logprobs=K`, each token's log-probability and the K most likely alternatives.
+
+        Keywords: those of `stream`, plus strategy ("greedy", "sample", "beam",
+        "contrastive"; inferred when omitted), num_beams, length_penalty, early_stopping
+        (True, False or "never", as in Hugging Face), num_return_sequences, n (independent
+        samples sharing one prefill) and logprobs. See `lucidlm.decoding`.
+        """
+        started = time.perf_counter()
+        options = DecodingOptions.from_kwargs(**kwargs)
+        generation = decode(self, self._prompt_ids(prompt), options, started)
+        self.last_stats = generation.stats
+        return generation
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         tok = self.tokenizer
@@ -107,9 +162,66 @@ class LucidModel:
         return "".join(self.stream_chat(messages, **kwargs))
 
 
+    # ----- looking inside (lucidlm.introspect) -----
+
+    def token_batch(self, text_or_ids) -> torch.Tensor:
+        """Text -> its ids as (1, T), special tokens added as the model's metadata asks;
+        a list of ids -> (1, T); a (B, T) tensor as it is. On the model's device."""
+        if isinstance(text_or_ids, str):
+            if not text_or_ids:
+                raise InvalidArgumentError("the prompt is empty")
+            text_or_ids = self.tokenizer.encode(text_or_ids)
+        return as_token_batch(text_or_ids).to(next(self.model.parameters()).device)
+
+    def hook_names(self) -> list[str]:
+        """Every hook point's name, in forward order (`lucidlm.introspect.HOOK_SITES` has their shapes)."""
+        return hook_names(self.model)
+
+    def run_with_cache(self, text_or_ids, names=None) -> tuple[torch.Tensor, ActivationCache]:
+        """One forward pass capturing activations -> (logits (B, T, V), ActivationCache).
+
+        `names`: None for every hook point, a name, a list of names, or a predicate on names.
+        Cached tensors keep the batch dimension, also for a single prompt.
+        """
+        return run_with_cache(self.model, self.token_batch(text_or_ids), names)
+
+    def run_with_hooks(self, text_or_ids, hooks: dict) -> torch.Tensor:
+        """One forward pass with `hooks[name](activation, name)` called at each named site -> logits (B, T, V).
+
+        A hook returning a tensor replaces the activation (same shape); returning None only reads.
+        Hooks are removed afterwards, also when the pass raises.
+        """
+        return run_with_hooks(self.model, self.token_batch(text_or_ids), hooks)
+
+    @torch.inference_mode()
+    def embed(self, texts: str | list[str]) -> torch.Tensor:
+        """Sentence embeddings (N, C) of an encoder model: the mean of the final hidden states
+        over each text's real tokens, L2-normalised, so `a @ b.T` is cosine similarity."""
+        if not self.is_encoder:
+            raise LucidError(f"{self.name} is a decoder: embed() needs an encoder model such as minilm-l6-v2")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts or any(not isinstance(t, str) or not t for t in texts):
+            raise InvalidArgumentError("embed() needs a non-empty list of non-empty strings")
+        ids = [self.tokenizer.encode(t) for t in texts]
+        longest = max(len(i) for i in ids)
+        if longest > self.config.context_length:
+            raise ContextOverflowError(f"a text has {longest} tokens; this encoder reads at most "
+                                       f"{self.config.context_length}")
+        # Right padding: an encoder has no "next token", so padding position does not matter
+        # as long as the mask hides it from attention and from the mean.
+        tokens = torch.tensor([i + [0] * (longest - len(i)) for i in ids])  # (N, T)
+        valid = torch.tensor([[True] * len(i) + [False] * (longest - len(i)) for i in ids])
+        return mean_pool(self.model(tokens, valid), valid)
+
+
 def load(name_or_path: str | None = None, progress: bool = True) -> LucidModel:
-    """Load a model by catalogue name (default: smollm2-135m-instruct) or GGUF file path."""
+    """Load a model by catalogue name (default: smollm2-135m-instruct), GGUF file path or Hugging Face
+    checkpoint directory."""
     path = resolve(name_or_path)
+    if path.is_dir():  # a Hugging Face checkpoint directory (config.json + safetensors)
+        loaded_hf = load_hf(path, progress=progress)
+        tokenizer = load_tokenizer_for_directory(path, loaded_hf.model.config.vocab_size)
+        return LucidModel(loaded_hf.model, tokenizer, name_or_path or path.name, path, loaded_hf.config)
     loaded = load_gguf(path, progress=progress)
     return LucidModel(loaded.model, loaded.tokenizer, name_or_path or path.stem, path,
                       loaded.metadata, loaded.tensor_types)

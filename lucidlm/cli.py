@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .cli_decoding import add_decoding_args, add_decoding_commands, generate_kwargs, print_generation, stream_kwargs
+from .cli_introspect import add_introspection_commands
 from .errors import LucidError
 
 
@@ -49,8 +51,13 @@ def _load(args):
 
 
 def cmd_generate(args) -> int:
+    kwargs = generate_kwargs(args, _sampling_kwargs(args))  # checked before the slow load
     model = _load(args)
-    for piece in model.stream(args.prompt, **_sampling_kwargs(args)):
+    streamed = stream_kwargs(kwargs, args.json)
+    if streamed is None:  # several completions, log-probs or JSON: print the finished result
+        print_generation(model.generate_detailed(args.prompt, **kwargs), args.json, model.name)
+        return 0
+    for piece in model.stream(args.prompt, **streamed):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -102,6 +109,65 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_inspect_card(args) -> int:
+    from .models.cards import CARDS, describe_card
+
+    if args.name is None:
+        for name, card in CARDS.items():
+            print(f"{name}  ({card.source})")
+        return 0
+    print(describe_card(args.name))
+    return 0
+
+
+def cmd_tokenize(args) -> int:
+    import json
+    import os
+    import shutil
+
+    from .tokenizers import TOKENIZER_NAMES, load_tokenizer
+    from .tokenizers.display import format_tokenization, tokenization_record
+
+    sources = args.tokenizer or ["smollm2"]
+    for source in sources:  # a typo fails at once, before anything slow is loaded
+        if source not in TOKENIZER_NAMES and not os.path.exists(os.path.expanduser(source)):
+            raise LucidError(f"unknown tokenizer '{source}': use a GGUF, tokenizer.json or .tiktoken path, "
+                             f"or one of {', '.join(TOKENIZER_NAMES)}")
+    results = []
+    for source in sources:
+        tokenizer = load_tokenizer(source)
+        results.append((source, tokenizer, tokenizer.encode(args.text, add_special=not args.no_special)))
+    if args.json:
+        print(json.dumps({"text": args.text, "results": [tokenization_record(*r) for r in results]},
+                         ensure_ascii=False))
+        return 0
+    colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+    width = shutil.get_terminal_size().columns
+    print("\n\n".join(format_tokenization(*r, colour=colour, width=width) for r in results))
+    return 0
+
+
+def cmd_embed(args) -> int:
+    import json
+
+    from .api import load
+
+    if not args.texts:
+        raise LucidError("give at least one text to embed")
+    embeddings = load(args.model).embed(args.texts)
+    similarity = (embeddings @ embeddings.T).tolist()  # unit vectors: dot product = cosine
+    if args.json:
+        print(json.dumps({"texts": args.texts, "cosine_similarity": similarity}, ensure_ascii=False))
+        return 0
+    labels = [t if len(t) <= 40 else t[:37] + "..." for t in args.texts]
+    width = max(len(label) for label in labels)
+    print(f"cosine similarity of {len(labels)} sentence embeddings ({embeddings.shape[1]} dimensions)")
+    print(" " * (width + 2) + " ".join(f"{i:>6}" for i in range(len(labels))))
+    for i, (label, row) in enumerate(zip(labels, similarity)):
+        print(f"{label:<{width}} {i}" + " ".join(f"{v:6.3f}" for v in row))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lucid", description="Run and look inside transformer language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     _add_model_arg(p)
     _add_sampling_args(p)
+    add_decoding_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="multi-turn chat using the model's chat template")
@@ -120,6 +187,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the model catalogue and what is installed")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("inspect-card", help="module tree, parameter counts and KV-cache size of a built-in "
+                                            "architecture card (no weights needed)")
+    p.add_argument("name", nargs="?", default=None, help="card name; omit to list the cards")
+    p.set_defaults(func=cmd_inspect_card)
+
+    p = sub.add_parser("tokenize", help="show how one or more tokenizers cut a text into tokens")
+    p.add_argument("text")
+    p.add_argument("--tokenizer", action="append", default=None, metavar="NAME_OR_PATH",
+                   help="smollm2 (default), gemma3, minilm/bert, cl100k/gpt4, or a GGUF, tokenizer.json "
+                        "or .tiktoken path; repeat to compare")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--no-special", action="store_true", help="do not add BOS/[CLS]/[SEP]")
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("embed", help="sentence embeddings of texts and their cosine-similarity matrix")
+    p.add_argument("texts", nargs="*")
+    p.add_argument("--model", "-m", default="minilm-l6-v2", help="an encoder model (default: minilm-l6-v2)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_embed)
+
+    add_introspection_commands(sub)
+    add_decoding_commands(sub)
     return parser
 
 

@@ -107,13 +107,17 @@ class ConfigReader:
 
 def llama_config(config: dict) -> LlamaConfig:
     read = ConfigReader(config, "llama")
-    # Llama 3.1+ (rope_type "llama3") needs LlamaConfig to carry the scaling; see
-    # layers.llama3_scaled_inv_freq. Until then such checkpoints are refused here.
-    read.require_plain_rope()
+    scaling = read.rope_scaling()
+    rope_scaling = None
+    if scaling is not None and scaling["rope_type"] == "llama3":  # Llama 3.1+: see layers.llama3_scaled_inv_freq
+        rope_scaling = (float(scaling["factor"]), float(scaling["low_freq_factor"]),
+                        float(scaling["high_freq_factor"]), int(scaling["original_max_position_embeddings"]))
+    else:
+        read.require_plain_rope()
     read.require_false("attention_bias", "mlp_bias")
     return LlamaConfig(**read.decoder_sizes(), rope_base=read.rope_base(10000.0),
                        norm_eps=float(read("rms_norm_eps", default=1e-6)),
-                       tie_embeddings=bool(read("tie_word_embeddings", default=False)))
+                       tie_embeddings=bool(read("tie_word_embeddings", default=False)), rope_scaling=rope_scaling)
 
 
 def mistral_config(config: dict) -> MistralConfig:

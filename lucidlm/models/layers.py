@@ -9,6 +9,8 @@ Dimension letters used in shape comments throughout LucidLM:
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,6 +28,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps:g}"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -40,6 +45,9 @@ class Embedding(nn.Module):
     def __init__(self, num_embeddings: int, dim: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_embeddings, dim))
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, {self.weight.shape[1]}"
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.weight)
@@ -57,6 +65,9 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim, self.base, self.max_positions = head_dim, base, max_positions
         self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, base={self.base:g}, max_positions={self.max_positions}"
 
     def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin, each (S_max, D) float32, built on first use (not at construction, so a
@@ -112,7 +123,8 @@ def attention_mask(valid: torch.Tensor, start: int, T: int, window: int | None =
 
 
 def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                                 scale: float, explicit: bool = False):
+                                 scale: float, explicit: bool = False,
+                                 weights_hook: Callable[[torch.Tensor], torch.Tensor] | None = None):
     """softmax(q kᵀ · scale + mask) v, with grouped-query attention.
 
     q: (B, H, T, D); k, v: (B, H_kv, S, D) where H is a multiple of H_kv (each key/value head
@@ -120,8 +132,9 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     Returns (out (B, H, T, D), weights (B, H, T, S) or None).
 
     The default path is PyTorch's fused kernel, which never materialises the (T, S)
-    weights. `explicit=True` computes them step by step so they can be looked at; both
-    paths compute the same function.
+    weights. `explicit=True` computes them step by step so they can be looked at (and
+    passed through `weights_hook`, which may replace them); both paths compute the same
+    function.
     """
     if not explicit:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
@@ -133,6 +146,8 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    if weights_hook is not None:
+        weights = weights_hook(weights)
     return weights @ v, weights
 
 
@@ -147,3 +162,71 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LayerNorm(nn.Module):
+    """(x - mean(x)) / sqrt(var(x) + eps) * weight + bias  (Ba et al. 2016, arXiv:1607.06450).
+
+    Like nn.LayerNorm but with no initialisation (weights always come from a checkpoint) and
+    computed in float32 whatever the activation dtype, as `RMSNorm`.
+    """
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.bias = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.layer_norm(x.float(), self.weight.shape, self.weight.float(), self.bias.float(), self.eps)
+        return normed.to(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, base: float) -> torch.Tensor:
+    """The RoPE frequencies base^(-2i/D) for i < D/2, (D/2,) float64: the angle per position of pair i.
+
+    Always on the CPU, also when called while a model is being built on the `meta` device.
+    """
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim))
+
+
+def llama3_scaled_inv_freq(inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
+                           original_context_length: int) -> torch.Tensor:
+    """Llama 3.1's RoPE frequency scaling ("rope_type": "llama3"), for contexts beyond training length.
+
+    Each frequency pair has a wavelength 2π / inv_freq (in positions). Pairs whose wavelength
+    is short compared with the original context (shorter than original / high_freq_factor) keep
+    their frequency: they encode local order, which does not change with context length. Pairs
+    whose wavelength is longer than original / low_freq_factor are slowed down by `factor`, so
+    that positions beyond the original context map onto angles seen in training (position
+    interpolation). In between, the frequency is blended linearly in (original / wavelength).
+    See Meta's llama-models repository, `apply_scaling`, and the Llama 3 paper, arXiv:2407.21783.
+
+    inv_freq: (D/2,) unscaled frequencies (`rope_inv_freq`) -> (D/2,) scaled, same dtype.
+    """
+    wavelength = 2 * torch.pi / inv_freq
+    short = wavelength < original_context_length / high_freq_factor  # keep
+    long = wavelength > original_context_length / low_freq_factor  # divide by factor
+    # 0 at the long end of the band, 1 at the short end.
+    smooth = (original_context_length / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return torch.where(short, inv_freq, torch.where(long, inv_freq / factor, blended))
+
+
+class FrequencyRotaryEmbedding(RotaryEmbedding):
+    """`RotaryEmbedding` with given frequencies (D/2,) (a CPU tensor, e.g. from
+    `llama3_scaled_inv_freq`) instead of base^(-2i/D). Same layout, same forward."""
+
+    def __init__(self, inv_freq: torch.Tensor, max_positions: int):
+        super().__init__(2 * inv_freq.numel(), base=float("nan"), max_positions=max_positions)
+        self.inv_freq = inv_freq.to(torch.float64)  # a plain attribute: no parameter, not in the state dict
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, scaled frequencies, max_positions={self.max_positions}"
+
+    def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._tables is None or self._tables[0].device != device:
+            angles = torch.outer(torch.arange(self.max_positions, dtype=torch.float64), self.inv_freq)  # (S_max, D/2)
+            angles = torch.cat([angles, angles], dim=-1)  # (S_max, D)
+            self._tables = (angles.cos().float().to(device), angles.sin().float().to(device))
+        return self._tables

@@ -6,6 +6,11 @@ Each block is pre-norm (RMSNorm before attention and before the MLP, the residua
 itself never normalised), attention uses RoPE and grouped-query heads, the MLP is SwiGLU.
 Attribute names follow the Hugging Face checkpoint keys without the `model.` prefix
 (`layers.0.self_attn.q_proj.weight`, ...), so loading is a checked copy by name.
+
+`hook_*` attributes are identity `HookPoint`s where `lucidlm.introspect` reads or edits
+activations; they carry TransformerLens names (`blocks.{i}.attn.hook_z`, ...) and shapes
+listed in `lucidlm.introspect.hook_point.HOOK_SITES`. Idle, they cost nothing, and the
+fused attention kernel runs unless someone listens to a layer's `hook_pattern`.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import torch
 from torch import nn
 
 from ..cache import KVCache
-from .layers import Embedding, RMSNorm, RotaryEmbedding, SwiGLU, attention_mask, scaled_dot_product_attention, token_positions
+from ..introspect.hook_point import HookPoint
+from .layers import (Embedding, FrequencyRotaryEmbedding, RMSNorm, RotaryEmbedding, SwiGLU, attention_mask,
+                     llama3_scaled_inv_freq, rope_inv_freq, scaled_dot_product_attention, token_positions)
 
 
 @dataclass(frozen=True)
@@ -29,6 +36,8 @@ class LlamaConfig:
     d_ff: int  # SwiGLU hidden width ("intermediate_size")
     context_length: int
     rope_base: float = 10000.0
+    # Llama 3.1 frequency scaling: (factor, low_freq_factor, high_freq_factor, original context)
+    rope_scaling: tuple[float, float, float, int] | None = None
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     head_dim: int | None = None  # defaults to d_model / n_heads
@@ -56,34 +65,50 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
         self.explicit = False  # True: materialise attention weights (see scaled_dot_product_attention)
-        self.last_weights: torch.Tensor | None = None
+        name = f"blocks.{layer_index}.attn."
+        self.hook_q, self.hook_k, self.hook_v = (HookPoint(name + s) for s in ("hook_q", "hook_k", "hook_v"))
+        self.hook_rot_q, self.hook_rot_k = HookPoint(name + "hook_rot_q"), HookPoint(name + "hook_rot_k")
+        self.hook_pattern, self.hook_z = HookPoint(name + "hook_pattern"), HookPoint(name + "hook_z")
+
+    def extra_repr(self) -> str:
+        return f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, head_dim={self.head_dim}"
 
     def forward(self, x, rope: RotaryEmbedding, positions, mask, cache: KVCache | None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = rope(q, positions), rope(k, positions)
+        q = self.hook_q(self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2))  # (B, H, T, D)
+        k = self.hook_k(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2))  # (B, H_kv, T, D)
+        v = self.hook_v(self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2))
+        q, k = self.hook_rot_q(rope(q, positions)), self.hook_rot_k(rope(k, positions))
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)  # (B, H_kv, S, D)
-        out, self.last_weights = scaled_dot_product_attention(
-            q, k, v, mask, scale=self.head_dim**-0.5, explicit=self.explicit
-        )
-        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
+        # The weights exist only on the explicit path: take it when asked to, or when a
+        # listener wants to see (or edit) this layer's pattern.
+        z, _ = scaled_dot_product_attention(q, k, v, mask, scale=self.head_dim**-0.5,
+                                            explicit=self.explicit or self.hook_pattern.active,
+                                            weights_hook=self.hook_pattern)
+        z = self.hook_z(z)  # (B, H, T, D)
+        out = z.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(out)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: LlamaConfig, layer_index: int):
         super().__init__()
+        name = f"blocks.{layer_index}."
+        self.hook_resid_pre = HookPoint(name + "hook_resid_pre")
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.self_attn = Attention(cfg, layer_index)
+        self.hook_attn_out, self.hook_resid_mid = HookPoint(name + "hook_attn_out"), HookPoint(name + "hook_resid_mid")
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.d_ff)
+        self.hook_mlp_out, self.hook_resid_post = HookPoint(name + "hook_mlp_out"), HookPoint(name + "hook_resid_post")
 
     def forward(self, x, rope, positions, mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), rope, positions, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = self.hook_resid_pre(x)  # (B, T, C)
+        attn_out = self.hook_attn_out(self.self_attn(self.input_layernorm(x), rope, positions, mask, cache))
+        x = self.hook_resid_mid(x + attn_out)
+        mlp_out = self.hook_mlp_out(self.mlp(self.post_attention_layernorm(x)))
+        return self.hook_resid_post(x + mlp_out)
 
 
 class Llama(nn.Module):
@@ -91,12 +116,18 @@ class Llama(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.d_model)
+        self.hook_embed = HookPoint("hook_embed")
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.hook_final_norm = HookPoint("hook_final_norm")
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_base, cfg.context_length)
+        if cfg.rope_scaling is None:
+            self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_base, cfg.context_length)
+        else:
+            inv_freq = llama3_scaled_inv_freq(rope_inv_freq(cfg.head_dim, cfg.rope_base), *cfg.rope_scaling)
+            self.rope = FrequencyRotaryEmbedding(inv_freq, cfg.context_length)
 
     def new_cache(self, batch: int, max_positions: int | None = None) -> KVCache:
         cfg = self.config
@@ -121,9 +152,9 @@ class Llama(nn.Module):
         positions = token_positions(valid, start, T)  # (B, T)
         mask = attention_mask(valid, start, T)  # (B, 1, T, S) or None
 
-        x = self.embed_tokens(tokens)  # (B, T, C)
+        x = self.hook_embed(self.embed_tokens(tokens))  # (B, T, C)
         for block in self.layers:
             x = block(x, self.rope, positions, mask, cache)
         if cache is not None:
             cache.advance(T)
-        return self.lm_head(self.norm(x)).float()  # (B, T, V)
+        return self.lm_head(self.hook_final_norm(self.norm(x))).float()  # (B, T, V)

@@ -1,0 +1,59 @@
+"""What a loaded model is made of: module tree, config, parameters, bytes by tensor type, KV-cache cost."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict
+
+from ..loading.quants import GGML_TYPES
+from .hook_point import HOOK_SITES, hook_sites
+
+_GGML_BY_NAME = {t.name: t for t in GGML_TYPES.values()}
+
+
+def unique_parameters(model) -> dict[str, object]:
+    """Parameter name -> tensor, each tensor once (a tied LM head shares the embedding table)."""
+    seen, unique = set(), {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) not in seen:
+            seen.add(id(p))
+            unique[name] = p
+    return unique
+
+
+def bytes_by_tensor_type(model, tensor_types: dict[str, str]) -> list[dict]:
+    """One row per storage type in the file ("Q4_1", "F32", ...): tensors, parameters, bytes in
+    the file (from the type's block layout) and bytes in memory (as loaded, dequantized)."""
+    rows: dict[str, dict] = defaultdict(lambda: dict(tensors=0, parameters=0, file_bytes=0, memory_bytes=0))
+    for name, p in unique_parameters(model).items():
+        type_name = tensor_types.get(name, "unknown")
+        row = rows[type_name]
+        row["tensors"] += 1
+        row["parameters"] += p.numel()
+        row["memory_bytes"] += p.numel() * p.element_size()
+        if type_name in _GGML_BY_NAME:
+            t = _GGML_BY_NAME[type_name]
+            row["file_bytes"] += p.numel() // t.block_size * t.type_size
+    return [{"type": k, **v} for k, v in sorted(rows.items(), key=lambda kv: -kv[1]["parameters"])]
+
+
+def describe(lucid_model) -> dict:
+    """Everything `lucid inspect` shows, as plain JSON-ready values."""
+    model, cfg = lucid_model.model, lucid_model.config
+    n_layers = cfg.n_layers
+    return {
+        "name": lucid_model.name,
+        "path": str(lucid_model.path) if lucid_model.path else None,
+        "file_bytes": lucid_model.path.stat().st_size if lucid_model.path else None,
+        "module_tree": repr(model),
+        "config": asdict(cfg),
+        "parameters": sum(p.numel() for p in unique_parameters(model).values()),
+        "tensor_types": bytes_by_tensor_type(model, lucid_model.tensor_types),
+        "context_length": cfg.context_length,
+        "kv_cache_bytes_per_token": cfg.kv_bytes_per_token,
+        "kv_cache_bytes_full_context": cfg.kv_bytes_per_token * cfg.context_length,
+        "hook_points": {
+            site.replace("{i}", f"{{0-{n_layers - 1}}}"): HOOK_SITES.get(site.removeprefix("blocks.{i}."), ("?",))[0]
+            for site in hook_sites(model)
+        },
+    }
