@@ -4,9 +4,8 @@ RoPE frequency scaling, as pure functions against transformers' own."""
 import pytest
 import torch
 
-from lucidlm.errors import UnsupportedError
 from lucidlm.models.layers import FrequencyRotaryEmbedding, llama3_scaled_inv_freq, rope_inv_freq
-from lucidlm.models.llama import Llama, LlamaConfig
+from lucidlm.models.llama import Llama
 from tiny_hf import (assert_cached_equals_uncached, assert_greedy_matches_reference, assert_matches_reference,
                      load_ours, random_tokens, save_tiny)
 
@@ -69,18 +68,6 @@ def test_frequency_rotary_embedding_matches_reference_cos_sin():
     torch.testing.assert_close(ours_sin[positions[0]], sin[0], atol=5e-4, rtol=0)
 
 
-LLAMA_HAS_ROPE_SCALING = "rope_scaling" in LlamaConfig.__dataclass_fields__
-
-
-@pytest.mark.skipif(LLAMA_HAS_ROPE_SCALING, reason="LlamaConfig supports rope_scaling")
-def test_llama3_scaled_checkpoint_is_refused_until_llama_supports_it(tmp_path):
-    # LlamaConfig has no rope_scaling yet (see hf_names.llama_config): a clear refusal, not wrong logits.
-    save_tiny(_hf_llama_config(rope_parameters=LLAMA3), tmp_path)
-    with pytest.raises(UnsupportedError, match="llama3"):
-        load_ours(tmp_path)
-
-
-@pytest.mark.skipif(not LLAMA_HAS_ROPE_SCALING, reason="LlamaConfig.rope_scaling is pending")
 def test_llama3_scaled_checkpoint_matches_reference(tmp_path):
     # An original context of 16 positions makes all three frequency regimes matter within 40 tokens
     # (without the scaling the logits differ by ~1.7).
