@@ -60,7 +60,7 @@ def cmd_generate(args) -> int:
     for piece in model.stream(args.prompt, **streamed):
         sys.stdout.write(piece)
         sys.stdout.flush()
-    sys.stdout.write("\n")
+    print(flush=True)  # end the text before the stats line (stderr is unbuffered)
     print(f"[{model.last_stats.summary()}]", file=sys.stderr)
     return 0
 
@@ -93,7 +93,7 @@ def cmd_chat(args) -> int:
                 sys.stdout.flush()
         except KeyboardInterrupt:
             sys.stdout.write(" [stopped]")
-        print()
+        print(flush=True)
         print(f"[{model.last_stats.summary()}]", file=sys.stderr)
         messages.append({"role": "assistant", "content": "".join(reply)})
 

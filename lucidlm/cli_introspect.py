@@ -223,6 +223,16 @@ def _command(run):
     return command
 
 
+def _inspect_command(args) -> int:
+    """`lucid inspect CARD` describes a built-in architecture card; without one, a loaded model."""
+    if args.card is not None:
+        from .models.cards import describe_card
+
+        print(describe_card(args.card))
+        return 0
+    return run_inspect(_checked_load(args), args)
+
+
 def add_introspection_commands(sub) -> None:
     """Register the subcommands on the `lucid` parser's subparsers."""
     def add(name: str, run, help: str, prompt: bool = False, out: bool = False) -> argparse.ArgumentParser:
@@ -236,7 +246,10 @@ def add_introspection_commands(sub) -> None:
         p.set_defaults(func=_command(run), run=run)
         return p
 
-    add("inspect", run_inspect, "module tree, config, parameters, bytes by tensor type, KV-cache cost")
+    p = add("inspect", run_inspect, "module tree, config, parameters, bytes by tensor type, KV-cache cost")
+    p.add_argument("card", nargs="?", default=None,
+                   help="an architecture card (e.g. phi-3-mini-4k-instruct, mixtral-8x7b): inspect it without weights")
+    p.set_defaults(func=_inspect_command)
 
     p = add("trace", run_trace, "generate step by step: each token's probability and the top candidates",
             prompt=True, out=True)

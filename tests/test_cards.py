@@ -91,3 +91,12 @@ def test_inspect_card_lists_cards_and_shows_tied_head(capsys):
     assert main(["inspect-card", "gpt2"]) == 0
     assert "lm_head: Linear  weight = wte.weight (tied)" in capsys.readouterr().out
     assert main(["inspect-card", "gpt5"]) == 2
+
+
+def test_lucid_inspect_prints_a_card_like_the_seed(capsys):
+    """Seed 000 prints Phi3ForCausalLM with fused qkv_proj and gate_up_proj; `lucid inspect` does too."""
+    from lucidlm.cli import main
+
+    assert main(["inspect", "phi-3-mini-4k-instruct"]) == 0
+    out = capsys.readouterr().out
+    assert "qkv_proj" in out and "gate_up_proj" in out and "3,821,079,552" in out

@@ -4,6 +4,7 @@
 import pytest
 import torch
 
+from lucidlm.introspect import run_with_cache, run_with_hooks
 from lucidlm.models.mixtral import Mixtral
 from lucidlm.models.moe import route_top_k
 from tiny_hf import (assert_cached_equals_uncached, assert_greedy_matches_reference, assert_hooks_see_every_block,
@@ -27,7 +28,7 @@ def pair(tmp_path_factory):
 
 def test_route_top_k_renormalises_the_two_best():
     logits = torch.tensor([[0.0, 2.0, 1.0, -1.0]])
-    weights, chosen = route_top_k(logits, 2)
+    weights, chosen = route_top_k(torch.softmax(logits, dim=-1), 2)
     assert chosen.tolist() == [[1, 2]]
     e = torch.tensor([2.0, 1.0]).exp()
     torch.testing.assert_close(weights, (e / e.sum())[None])
@@ -75,3 +76,23 @@ def test_greedy_generation_matches_reference(pair):
 def test_hook_points_and_logit_lens(pair):
     _, ours = pair
     assert_hooks_see_every_block(ours, random_tokens(2, 9))
+
+
+def test_router_hooks_capture_and_steer_routing(pair):
+    """The router hook points report what the router decided (as checked against HF above) and
+    can steer it: forcing every token to experts 6 and 7 makes those the chosen ones."""
+    _, ours = pair
+    tokens = random_tokens(1, 12)
+    names = ["blocks.0.moe.hook_router_probs", "blocks.0.moe.hook_expert_indices"]
+    _, cache = run_with_cache(ours, tokens, names=names)
+    moe = ours.layers[0].block_sparse_moe
+    torch.testing.assert_close(cache[names[0]], torch.softmax(moe.last_router_logits, dim=-1))
+    assert torch.equal(cache[names[1]], moe.last_expert_indices)
+
+    def force_last_two(probs, name):
+        forced = torch.zeros_like(probs)
+        forced[..., 6], forced[..., 7] = 0.6, 0.4
+        return forced
+
+    run_with_hooks(ours, tokens, {names[0]: force_last_two})
+    assert moe.last_expert_indices.flatten(0, 1).tolist() == [[6, 7]] * 12

@@ -27,6 +27,7 @@ from ..errors import InvalidArgumentError
 # site (the name without "blocks.{i}.") -> (shape, what it is); forward order within a block.
 HOOK_SITES = {
     "hook_embed": ("(B, T, C)", "token embeddings"),
+    "hook_pos_embed": ("(B, T, C)", "learned position embeddings (GPT-2)"),
     "hook_resid_pre": ("(B, T, C)", "residual stream entering the block"),
     "attn.hook_q": ("(B, H, T, D)", "queries, before RoPE"),
     "attn.hook_k": ("(B, H_kv, T, D)", "keys of the new positions, before RoPE"),
@@ -37,6 +38,8 @@ HOOK_SITES = {
     "attn.hook_z": ("(B, H, T, D)", "per-head attention output, before o_proj"),
     "hook_attn_out": ("(B, T, C)", "attention output added to the residual stream (after o_proj)"),
     "hook_resid_mid": ("(B, T, C)", "residual stream between attention and MLP"),
+    "moe.hook_router_probs": ("(B, T, E)", "MoE router: softmax over the E experts, before top-k"),
+    "moe.hook_expert_indices": ("(B, T, k)", "MoE router: the k chosen experts, most probable first (read-only)"),
     "hook_mlp_out": ("(B, T, C)", "MLP output added to the residual stream"),
     "hook_resid_post": ("(B, T, C)", "residual stream leaving the block"),
     "hook_final_norm": ("(B, T, C)", "final norm output, the input of lm_head"),

@@ -86,7 +86,7 @@ class Block(nn.Module):
         self.hook_attn_out, self.hook_resid_mid = HookPoint(name + "hook_attn_out"), HookPoint(name + "hook_resid_mid")
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         experts = [Expert(cfg.d_model, cfg.d_ff) for _ in range(cfg.n_experts)]
-        self.block_sparse_moe = SparseMoE(cfg.d_model, experts, cfg.n_experts_per_token)
+        self.block_sparse_moe = SparseMoE(cfg.d_model, experts, cfg.n_experts_per_token, hook_prefix=name)
         self.hook_mlp_out, self.hook_resid_post = HookPoint(name + "hook_mlp_out"), HookPoint(name + "hook_resid_post")
 
     def forward(self, x, rope, positions, mask, cache):

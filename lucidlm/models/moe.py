@@ -25,14 +25,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..introspect.hook_point import HookPoint
 
-def route_top_k(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, E) router logits -> (weights (N, k) float32, expert indices (N, k)).
 
-    The softmax is taken over all E experts, then the k largest probabilities are rescaled
-    to sum to 1. (Renormalising top-k probabilities equals a softmax over the k chosen logits.)
+def route_top_k(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, E) router probabilities (softmax over all E experts) -> (weights (N, k), expert indices (N, k)).
+
+    The k largest probabilities are rescaled to sum to 1. (Renormalising top-k
+    probabilities equals a softmax over the k chosen logits.)
     """
-    probs = torch.softmax(router_logits.float(), dim=-1)  # (N, E)
     top_probs, indices = probs.topk(k, dim=-1)  # (N, k), sorted by probability
     return top_probs / top_probs.sum(dim=-1, keepdim=True), indices
 
@@ -40,9 +41,13 @@ def route_top_k(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torc
 class SparseMoE(nn.Module):
     """A router `gate` (C -> E, no bias) and E `experts` (any modules (n, C) -> (n, C)), top-k routing."""
 
-    def __init__(self, d_model: int, experts: list[nn.Module], top_k: int):
+    def __init__(self, d_model: int, experts: list[nn.Module], top_k: int, hook_prefix: str = ""):
         super().__init__()
         self.top_k = top_k
+        # Hook points (see lucidlm.introspect): the router's distribution can be read or edited
+        # (e.g. force an expert); the chosen indices are reported for reading.
+        self.hook_router_probs = HookPoint(hook_prefix + "moe.hook_router_probs")
+        self.hook_expert_indices = HookPoint(hook_prefix + "moe.hook_expert_indices")
         self.gate = nn.Linear(d_model, len(experts), bias=False)
         self.experts = nn.ModuleList(experts)
         self.last_router_logits: torch.Tensor | None = None
@@ -53,14 +58,16 @@ class SparseMoE(nn.Module):
         B, T, C = x.shape
         flat = x.reshape(B * T, C)  # (N, C)
         router_logits = self.gate(flat)  # (N, E)
-        weights, chosen = route_top_k(router_logits, self.top_k)  # (N, k) each
+        E = len(self.experts)
+        probs = self.hook_router_probs(torch.softmax(router_logits.float(), dim=-1).view(B, T, E)).view(B * T, E)
+        weights, chosen = route_top_k(probs, self.top_k)  # (N, k) each
+        self.hook_expert_indices(chosen.view(B, T, self.top_k))
         out = torch.zeros_like(flat)
         # Each expert runs once, on the tokens that chose it (in any of their k slots).
         for e in chosen.unique().tolist():
             token, slot = (chosen == e).nonzero(as_tuple=True)  # (n,) each
             contribution = self.experts[e](flat[token]) * weights[token, slot, None].to(flat.dtype)  # (n, C)
             out.index_add_(0, token, contribution)
-        E = len(self.experts)
         self.last_router_logits = router_logits.float().view(B, T, E)
         self.last_expert_indices = chosen.view(B, T, self.top_k)
         self.last_expert_weights = weights.view(B, T, self.top_k)
