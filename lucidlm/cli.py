@@ -168,6 +168,16 @@ def cmd_embed(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import json
+
+    from .benchmark import run_benchmark
+
+    result = run_benchmark(args.model, runs=args.runs, decode_tokens=args.decode_tokens)
+    print(json.dumps(result.to_dict()) if args.json else result.table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lucid", description="Run and look inside transformer language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -207,6 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", "-m", default="minilm-l6-v2", help="an encoder model (default: minilm-l6-v2)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("bench", help="load time, prefill and decode speed, time to first token, peak memory")
+    _add_model_arg(p)
+    p.add_argument("--runs", type=int, default=3, help="repetitions; medians are reported (default 3)")
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_bench)
 
     add_introspection_commands(sub)
     add_decoding_commands(sub)

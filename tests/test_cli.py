@@ -142,3 +142,19 @@ def test_chat_with_default_model():
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
     assert "Traceback" not in result.stderr
+
+
+def test_bench_reports_every_measure(tiny_model, capsys):
+    """`lucid bench` on a tiny model: prompt lengths that do not fit the 256-token context are
+    skipped, every figure is a positive number and the decode count is what was asked for."""
+    import json
+
+    from lucidlm.cli import main
+
+    assert main(["bench", "--model", str(tiny_model), "--runs", "1", "--decode-tokens", "4", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert list(result["prefill_tokens_per_second"]) == ["128"]
+    assert result["decode_tokens"] == 4 and result["runs"] == 1
+    for key in ("load_seconds", "time_to_first_token", "decode_tokens_per_second", "peak_rss_mib"):
+        assert result[key] > 0, key
+    assert main(["bench", "--model", str(tiny_model), "--runs", "0"]) == 2
