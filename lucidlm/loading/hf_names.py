@@ -22,10 +22,8 @@ from ..errors import ModelFileError, UnsupportedError
 from ..models.bert import Bert, BertConfig
 from ..models.gpt2 import GPT2, GPT2Config
 from ..models.llama import Llama, LlamaConfig
-from ..models.mistral import Mistral, MistralConfig
 from ..models.mixtral import Mixtral, MixtralConfig
 from ..models.phi3 import Phi3, Phi3Config
-from ..models.qwen2 import Qwen2, Qwen2Config
 from ..models.qwen3 import Qwen3, Qwen3Config
 
 
@@ -120,13 +118,14 @@ def llama_config(config: dict) -> LlamaConfig:
                        tie_embeddings=bool(read("tie_word_embeddings", default=False)), rope_scaling=rope_scaling)
 
 
-def mistral_config(config: dict) -> MistralConfig:
+def mistral_config(config: dict) -> LlamaConfig:
+    """Mistral is Llama's weights with an optional sliding window."""
     read = ConfigReader(config, "mistral")
     read.require_plain_rope()
-    return MistralConfig(**read.decoder_sizes(), rope_base=read.rope_base(10000.0),
-                         norm_eps=float(read("rms_norm_eps", default=1e-6)),
-                         tie_embeddings=bool(read("tie_word_embeddings", default=False)),
-                         sliding_window=read.sliding_window())
+    return LlamaConfig(**read.decoder_sizes(), rope_base=read.rope_base(10000.0),
+                       norm_eps=float(read("rms_norm_eps", default=1e-6)),
+                       tie_embeddings=bool(read("tie_word_embeddings", default=False)),
+                       sliding_window=read.sliding_window(), architecture="mistral")
 
 
 def mixtral_config(config: dict) -> MixtralConfig:
@@ -150,8 +149,9 @@ def qwen_sizes(read: ConfigReader) -> dict:
                 tie_embeddings=bool(read("tie_word_embeddings", default=False)))
 
 
-def qwen2_config(config: dict) -> Qwen2Config:
-    return Qwen2Config(**qwen_sizes(ConfigReader(config, "qwen2")))
+def qwen2_config(config: dict) -> LlamaConfig:
+    """Qwen2 is Llama's weights plus biases on the q/k/v projections."""
+    return LlamaConfig(**qwen_sizes(ConfigReader(config, "qwen2")), attention_bias=True, architecture="qwen2")
 
 
 def qwen3_config(config: dict) -> Qwen3Config:
@@ -204,9 +204,9 @@ def bert_config(config: dict) -> BertConfig:
 # through their "architectures" entry (ARCHITECTURE_ALIASES).
 HF_FAMILIES = {
     "llama": HFFamily(Llama, llama_config, ignored=r"rotary_emb\.inv_freq$"),
-    "mistral": HFFamily(Mistral, mistral_config, ignored=r"rotary_emb\.inv_freq$"),
+    "mistral": HFFamily(Llama, mistral_config, ignored=r"rotary_emb\.inv_freq$"),
     "mixtral": HFFamily(Mixtral, mixtral_config, ignored=r"rotary_emb\.inv_freq$"),
-    "qwen2": HFFamily(Qwen2, qwen2_config, ignored=r"rotary_emb\.inv_freq$"),
+    "qwen2": HFFamily(Llama, qwen2_config, ignored=r"rotary_emb\.inv_freq$"),
     "qwen3": HFFamily(Qwen3, qwen3_config),
     "phi3": HFFamily(Phi3, phi3_config),
     # The causal mask GPT-2 checkpoints may carry as `attn.bias` / `attn.masked_bias` is

@@ -8,7 +8,7 @@ shapes and supported types, so a bad file fails fast with a message naming the p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -53,10 +53,8 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bo
         )
     make_config, model_class, name_table, fix_up = GGUF_ARCHITECTURES[arch]
     cfg = make_config(gguf.metadata, arch)
-    if "output.weight" not in gguf.tensors:
-        cfg = type(cfg)(**{**cfg.__dict__, "tie_embeddings": True})
-    else:
-        cfg = type(cfg)(**{**cfg.__dict__, "tie_embeddings": False})
+    # No output.weight in the file means the LM head is the embedding table.
+    cfg = replace(cfg, tie_embeddings="output.weight" not in gguf.tensors)
 
     with torch.device("meta"):
         model = model_class(cfg)

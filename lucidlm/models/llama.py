@@ -4,6 +4,9 @@
 
 Each block is pre-norm (RMSNorm before attention and before the MLP, the residual stream
 itself never normalised), attention uses RoPE and grouped-query heads, the MLP is SwiGLU.
+The same file serves two close relatives through config fields, since their weights carry
+Llama's names: Mistral (`sliding_window`: each query sees only the last W positions;
+arXiv:2310.06825) and Qwen2 (`attention_bias`: q/k/v projections with biases; arXiv:2407.10671).
 Attribute names follow the Hugging Face checkpoint keys without the `model.` prefix
 (`layers.0.self_attn.q_proj.weight`, ...), so loading is a checked copy by name.
 
@@ -38,6 +41,8 @@ class LlamaConfig:
     rope_base: float = 10000.0
     # Llama 3.1 frequency scaling: (factor, low_freq_factor, high_freq_factor, original context)
     rope_scaling: tuple[float, float, float, int] | None = None
+    attention_bias: bool = False  # biases on the q/k/v projections (Qwen2), never on o_proj
+    sliding_window: int | None = None  # keys more than this many positions back are not attended to (Mistral)
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     head_dim: int | None = None  # defaults to d_model / n_heads
@@ -60,9 +65,9 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_index = layer_index
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
         self.explicit = False  # True: materialise attention weights (see scaled_dot_product_attention)
         name = f"blocks.{layer_index}.attn."
@@ -150,7 +155,7 @@ class Llama(nn.Module):
             cache.append_mask(valid)
             valid = cache.valid[:, : start + T]  # (B, S): past and new positions
         positions = token_positions(valid, start, T)  # (B, T)
-        mask = attention_mask(valid, start, T)  # (B, 1, T, S) or None
+        mask = attention_mask(valid, start, T, window=self.config.sliding_window)  # (B, 1, T, S) or None
 
         x = self.hook_embed(self.embed_tokens(tokens))  # (B, T, C)
         for block in self.layers:

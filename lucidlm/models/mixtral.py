@@ -3,7 +3,7 @@ arXiv:2401.04088), top to bottom.
 
     tokens -> embed_tokens -> N x [ x + attn(norm(x)) ; x + moe(norm(x)) ] -> norm -> lm_head -> logits
 
-Mistral's attention (`mistral.Attention`: GQA, RoPE, optional sliding window) with the MLP of
+Mistral's attention (`llama.Attention`: GQA, RoPE, optional sliding window) with the MLP of
 every block replaced by a sparse mixture of experts (`moe.SparseMoE`): a router scores 8
 SwiGLU experts for each token, the best 2 run, and their outputs are mixed by the
 renormalised router probabilities. Mixtral 8x7B holds ≈46.7B parameters, of which a token
@@ -27,7 +27,7 @@ from torch import nn
 from ..cache import KVCache
 from ..introspect.hook_point import HookPoint
 from .layers import Embedding, RMSNorm, RotaryEmbedding, attention_mask, token_positions
-from .mistral import Attention
+from .llama import Attention
 from .moe import SparseMoE
 
 
@@ -46,6 +46,7 @@ class MixtralConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     sliding_window: int | None = None  # keys more than this many positions back are not attended to
+    attention_bias: bool = False  # read by llama.Attention; Mixtral's projections have no biases
     head_dim: int | None = None  # defaults to d_model / n_heads
     architecture: str = "mixtral"
 
