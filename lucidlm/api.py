@@ -214,14 +214,54 @@ class LucidModel:
         return mean_pool(self.model(tokens, valid), valid)
 
 
-def load(name_or_path: str | None = None, progress: bool = True) -> LucidModel:
+DTYPES = ("auto", "float32", "bfloat16", "packed")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> CUDA when PyTorch sees a GPU, else the CPU."""
+    if device not in DEVICES and not str(device).startswith("cuda:"):
+        raise InvalidArgumentError(f"device must be one of {', '.join(DEVICES)} (or cuda:N), got {device!r}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidArgumentError(f"device {device!r} asked for, but PyTorch sees no CUDA GPU here")
+    return torch.device(device)
+
+
+def load(name_or_path: str | None = None, progress: bool = True, dtype: str = "auto",
+         device: str = "cpu") -> LucidModel:
     """Load a model by catalogue name (default: smollm2-135m-instruct), GGUF file path or Hugging Face
-    checkpoint directory."""
+    checkpoint directory.
+
+    dtype: how weights and activations are held.
+        "float32"   exact: every weight dequantized to float32 (the reference arithmetic, what
+                    the parity tests against HF transformers use);
+        "bfloat16"  dense bfloat16 weights and activations;
+        "packed"    (GGUF on CPU) 4-bit weights stay 4-bit, other quantized matrices int8,
+                    matmuls through PyTorch's int4/int8 CPU kernels (bfloat16 inputs and
+                    outputs), float32 activations: the fastest and smallest
+                    (see `lucidlm.loading.load` and `lucidlm.models.packed`);
+        "auto"      (default) "packed" for GGUF files on the CPU, "bfloat16" for GGUF on a GPU,
+                    "float32" for Hugging Face checkpoint directories.
+    device: "cpu" (default), "cuda" (or "cuda:N"), or "auto" (a GPU when PyTorch sees one).
+    """
+    if dtype not in DTYPES:
+        raise InvalidArgumentError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    target = resolve_device(device)
     path = resolve(name_or_path)
     if path.is_dir():  # a Hugging Face checkpoint directory (config.json + safetensors)
-        loaded_hf = load_hf(path, progress=progress)
+        if dtype == "packed":
+            raise InvalidArgumentError("dtype 'packed' applies to quantized GGUF files; use float32 or bfloat16")
+        weights = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+        loaded_hf = load_hf(path, dtype=weights, progress=progress)
+        loaded_hf.model.compute_dtype = weights  # activations and KV cache follow the weights
         tokenizer = load_tokenizer_for_directory(path, loaded_hf.model.config.vocab_size)
-        return LucidModel(loaded_hf.model, tokenizer, name_or_path or path.name, path, loaded_hf.config)
-    loaded = load_gguf(path, progress=progress)
-    return LucidModel(loaded.model, loaded.tokenizer, name_or_path or path.stem, path,
+        return LucidModel(loaded_hf.model.to(target), tokenizer, name_or_path or path.name, path, loaded_hf.config)
+    if dtype == "auto":
+        dtype = "packed" if target.type == "cpu" else "bfloat16"
+    if dtype == "packed" and target.type != "cpu":
+        raise InvalidArgumentError("dtype 'packed' uses CPU kernels; on a GPU use bfloat16 (or auto)")
+    loaded = load_gguf(path, dtype=dtype, progress=progress)
+    return LucidModel(loaded.model.to(target), loaded.tokenizer, name_or_path or path.stem, path,
                       loaded.metadata, loaded.tensor_types)

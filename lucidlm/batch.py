@@ -17,9 +17,10 @@ right. Copying keeps prefill free of the batch's padding and costs one copy of t
 per join, while re-prefilling the whole batch would recompute every row. A request for n
 samples is prefilled once and widened to n rows that share those keys and values.
 
-Leaving: finished rows are dropped with `cache.reorder(kept_rows)`, then leading columns
-that are padding in every remaining row are cut off, so a long prompt that has left does
-not keep the others attending over its padding.
+Leaving: finished rows, and rows dropped by `remove` (a client gone, a stop string met),
+go with `cache.reorder(kept_rows)`, then leading columns that are padding in every
+remaining row are cut off, so a long prompt that has left does not keep the others
+attending over its padding.
 
 KVCache has no "merge" or "trim columns" yet, so `_merge_caches` and `_drop_leading_padding`
 below rebuild caches through its public fields (keys, values, valid, length).
@@ -37,6 +38,7 @@ import torch
 from .cache import KVCache
 from .errors import InvalidArgumentError
 from .generate import Step, check_fits
+from .models.layers import model_device
 from .penalties import LogitControls
 from .sampling import Sampler, SamplingParams, make_sampler
 
@@ -116,7 +118,7 @@ class BatchGenerator:
 
     def __init__(self, model):
         self.model = model
-        self.device = model.lm_head.weight.device
+        self.device = model_device(model)
         self.cache: KVCache | None = None
         self.rows: list[_Row] = []
         self.logits: torch.Tensor | None = None  # (B, V): each row's distribution for its next token
@@ -144,7 +146,7 @@ class BatchGenerator:
         if max_new_tokens == 0:
             return request.request_id
         own_cache = self.model.new_cache(1, len(prompt_ids))
-        logits = self.model(torch.tensor([prompt_ids], device=self.device), own_cache)[:, -1]  # (1, V)
+        logits = self.model(torch.tensor([prompt_ids], device=self.device), own_cache, last_only=True)[:, -1]  # (1, V)
         own_cache.reorder(torch.zeros(n, dtype=torch.long, device=self.device))  # n rows, one prefill
         self.rows += [_Row(request, i) for i in range(n)]
         length = max(own_cache.length, self.cache.length if self.cache is not None else 0)
@@ -195,17 +197,34 @@ class BatchGenerator:
             if reason is None:
                 kept.append(i)
         if len(kept) < len(self.rows):
-            self.rows = [self.rows[i] for i in kept]
-            self.logits = self.logits[kept]
-            self.cache.reorder(torch.tensor(kept, dtype=torch.long, device=self.device))
-            if self.rows:
-                self.cache = _drop_leading_padding(self.model, self.cache, self._capacity(self.cache.length))
+            self._keep(kept)
         if self.rows:
             next_tokens = torch.tensor([[r.generated[-1]] for r in self.rows], device=self.device)  # (B, 1)
             self.logits = self.model(next_tokens, self.cache)[:, -1]  # (B, V)
-        else:
-            self.cache, self.logits = None, None
         return events
+
+    @torch.inference_mode()
+    def remove(self, request_id: int, sample_index: int | None = None) -> int:
+        """Drop a request's rows (or only its sample `sample_index`) between steps, e.g. when
+        its client has gone or a stop string ended it; returns how many rows were dropped."""
+        def leaves(row: _Row) -> bool:
+            return row.request.request_id == request_id and sample_index in (None, row.sample_index)
+
+        kept = [i for i, r in enumerate(self.rows) if not leaves(r)]
+        dropped = len(self.rows) - len(kept)
+        if dropped:
+            self._keep(kept)
+        return dropped
+
+    def _keep(self, kept: list[int]) -> None:
+        """Keep only the rows at indices `kept` (in that order), with their logits and cache rows."""
+        self.rows = [self.rows[i] for i in kept]
+        if not self.rows:
+            self.cache, self.logits = None, None
+            return
+        self.logits = self.logits[kept]
+        self.cache.reorder(torch.tensor(kept, dtype=torch.long, device=self.device))
+        self.cache = _drop_leading_padding(self.model, self.cache, self._capacity(self.cache.length))
 
 
 def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams = SamplingParams(),

@@ -17,6 +17,7 @@ import torch
 
 from .errors import InvalidArgumentError
 from .generate import generate_tokens
+from .models.layers import model_device
 from .sampling import SamplingParams, make_sampler
 
 
@@ -51,14 +52,20 @@ def _prompt(length: int, vocab_size: int) -> list[int]:
     return torch.randint(0, vocab_size, (length,), generator=generator).tolist()
 
 
+def _synchronize() -> None:
+    """GPU work is asynchronous: wait for it before reading the clock."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def run_benchmark(model_name: str | None = None, runs: int = 3, prompt_lengths=(128, 512),
-                  decode_tokens: int = 64) -> BenchResult:
+                  decode_tokens: int = 64, dtype: str = "auto", device: str = "cpu") -> BenchResult:
     from .api import load
 
     if runs < 1 or decode_tokens < 2:
         raise InvalidArgumentError("bench needs runs >= 1 and at least 2 decode tokens")
     started = time.perf_counter()
-    m = load(model_name, progress=False)
+    m = load(model_name, progress=False, dtype=dtype, device=device)
     load_seconds = time.perf_counter() - started
     m._require_decoder()
     cfg = m.config
@@ -69,13 +76,14 @@ def run_benchmark(model_name: str | None = None, runs: int = 3, prompt_lengths=(
     prefill, first_token = {}, []
     with torch.inference_mode():
         for length in lengths:
-            tokens = torch.tensor([_prompt(length, cfg.vocab_size)])
-            m.model(tokens, m.model.new_cache(1, length))  # warm-up
+            tokens = torch.tensor([_prompt(length, cfg.vocab_size)], device=model_device(m.model))
+            m.model(tokens, m.model.new_cache(1, length), last_only=True)  # warm-up
             seconds = []
             for _ in range(runs):
                 cache = m.model.new_cache(1, length)
                 start = time.perf_counter()
-                m.model(tokens, cache)
+                m.model(tokens, cache, last_only=True)  # prompt processed, first token's logits
+                _synchronize()
                 seconds.append(time.perf_counter() - start)
             prefill[length] = length / statistics.median(seconds)
 

@@ -11,12 +11,11 @@ import sys
 
 from .cli_decoding import add_decoding_args, add_decoding_commands, generate_kwargs, print_generation, stream_kwargs
 from .cli_introspect import add_introspection_commands
+from .cli_model import add_model_args, load_model
 from .errors import LucidError
 
 
-def _add_model_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", default=None,
-                   help="catalogue name or GGUF path (default: smollm2-135m-instruct)")
+_add_model_arg = add_model_args
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -38,7 +37,6 @@ def _sampling_kwargs(args) -> dict:
 
 
 def _load(args):
-    from .api import load
     from .sampling import SamplingParams
 
     # Check the cheap things before the slow load, so a typo fails at once.
@@ -47,7 +45,7 @@ def _load(args):
                        repetition_penalty=args.repetition_penalty, seed=args.seed)
     if getattr(args, "prompt", None) == "":
         raise LucidError("the prompt is empty")
-    return load(args.model)
+    return load_model(args)
 
 
 def cmd_generate(args) -> int:
@@ -150,11 +148,9 @@ def cmd_tokenize(args) -> int:
 def cmd_embed(args) -> int:
     import json
 
-    from .api import load
-
     if not args.texts:
         raise LucidError("give at least one text to embed")
-    embeddings = load(args.model).embed(args.texts)
+    embeddings = load_model(args).embed(args.texts)
     similarity = (embeddings @ embeddings.T).tolist()  # unit vectors: dot product = cosine
     if args.json:
         print(json.dumps({"texts": args.texts, "cosine_similarity": similarity}, ensure_ascii=False))
@@ -173,9 +169,41 @@ def cmd_bench(args) -> int:
 
     from .benchmark import run_benchmark
 
-    result = run_benchmark(args.model, runs=args.runs, decode_tokens=args.decode_tokens)
+    result = run_benchmark(args.model, runs=args.runs, decode_tokens=args.decode_tokens, dtype=args.dtype,
+                           device=args.device)
     print(json.dumps(result.to_dict()) if args.json else result.table())
     return 0
+
+
+def cmd_serve(args) -> int:
+    import os
+
+    import uvicorn
+
+    from .loading.catalogue import CATALOGUE, DEFAULT_MODEL
+    from .server import create_app
+
+    api_key = args.api_key or os.environ.get("LUCID_API_KEY")  # the variable keeps the key out of `ps`
+    model = load_model(args, args.model or DEFAULT_MODEL)  # by name, so that the API calls it by its catalogue name
+    embedder_name = args.embedding_model
+    if embedder_name == "auto":  # MiniLM when its package is installed
+        embedder_name = "minilm-l6-v2" if CATALOGUE["minilm-l6-v2"].locate() else "none"
+    embedder = None if embedder_name == "none" else load_model(args, embedder_name)
+    app = create_app(model, embedding_model=embedder, api_key=api_key, max_queue=args.max_queue,
+                     max_batch=args.max_batch, max_body_bytes=args.max_body_bytes,
+                     default_max_tokens=args.default_max_tokens, model_id=args.model_id)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(f"lucid: warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("embed", help="sentence embeddings of texts and their cosine-similarity matrix")
     p.add_argument("texts", nargs="*")
-    p.add_argument("--model", "-m", default="minilm-l6-v2", help="an encoder model (default: minilm-l6-v2)")
+    add_model_args(p, default="minilm-l6-v2", help="an encoder model (default: minilm-l6-v2)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_embed)
 
@@ -224,6 +252,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching, and the explorer page")
+    _add_model_arg(p)
+    p.add_argument("--embedding-model", default="auto", metavar="NAME",
+                   help="encoder for /v1/embeddings (default: minilm-l6-v2 when installed; 'none' for none)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set LUCID_API_KEY)")
+    p.add_argument("--model-id", default=None, help="the model's name in the API (default: its file or catalogue name)")
+    p.add_argument("--max-batch", type=_positive_int, default=16, help="sequences decoded together (default 16)")
+    p.add_argument("--max-queue", type=_positive_int, default=64,
+                   help="requests waiting for the batch; more get 429 (default 64)")
+    p.add_argument("--max-body-bytes", type=_positive_int, default=1_000_000, help="larger bodies get 413")
+    p.add_argument("--default-max-tokens", type=_positive_int, default=256,
+                   help="token limit of requests that give no max_tokens (default 256)")
+    p.set_defaults(func=cmd_serve)
 
     add_introspection_commands(sub)
     add_decoding_commands(sub)

@@ -16,6 +16,7 @@ import shutil
 import sys
 import textwrap
 
+from .cli_model import add_model_args, load_model
 from .errors import InvalidArgumentError
 
 # Defaults filled in when a strategy is named but its parameters are not given.
@@ -112,13 +113,11 @@ def print_generation(generation, as_json: bool, model_name: str) -> None:
 
 
 def cmd_compare_decoding(args) -> int:
-    from .api import load
-
     if not args.prompt:
         raise InvalidArgumentError("the prompt is empty")
     if args.max_new_tokens < 1:
         raise InvalidArgumentError(f"max_new_tokens must be >= 1, got {args.max_new_tokens}")
-    model = load(args.model)
+    model = load_model(args)
     common = dict(max_new_tokens=args.max_new_tokens)
     rows = [("greedy", model.generate_detailed(args.prompt, **common).text),
             (f"beam ({DEFAULT_BEAMS} beams)", model.generate_detailed(args.prompt, num_beams=DEFAULT_BEAMS,
@@ -147,7 +146,7 @@ def add_decoding_commands(sub) -> None:
     p = sub.add_parser("compare-decoding", help="greedy, beam, contrastive and three samples of one prompt, "
                                                 "side by side")
     p.add_argument("prompt")
-    p.add_argument("--model", "-m", default=None, help="catalogue name or GGUF path (default: smollm2-135m-instruct)")
+    add_model_args(p)
     p.add_argument("--max-new-tokens", "-n", type=int, default=40)
     p.add_argument("--seed", type=int, default=42, help="seed of the three samples")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -13,6 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
+from .cli_model import add_model_args, load_model
 from .errors import InvalidArgumentError
 
 
@@ -201,8 +202,6 @@ def run_kv_demo(model, args) -> int:
 
 def _checked_load(args):
     """Argument checks that need no model, then the (slow) load."""
-    from .api import load
-
     if getattr(args, "prompt", None) == "":
         raise InvalidArgumentError("the prompt is empty")
     if hasattr(args, "steps"):
@@ -214,7 +213,7 @@ def _checked_load(args):
         check_words(args.words)
     if getattr(args, "max_new_tokens", 1) < 1:
         raise InvalidArgumentError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    return load(args.model)
+    return load_model(args)
 
 
 def _command(run):
@@ -239,7 +238,7 @@ def add_introspection_commands(sub) -> None:
         p = sub.add_parser(name, help=help)
         if prompt:
             p.add_argument("prompt")
-        p.add_argument("--model", "-m", default=None, help="catalogue name or GGUF path (default: smollm2-135m-instruct)")
+        add_model_args(p)
         p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
         if out:
             p.add_argument("--out", default="lucid-out", help="directory for pictures (default: ./lucid-out/)")

@@ -21,6 +21,7 @@ from typing import Iterable, Iterator
 import torch
 
 from .errors import ContextOverflowError, InvalidArgumentError
+from .models.layers import model_device
 from .penalties import LogitControls
 from .sampling import Sampler
 
@@ -56,12 +57,12 @@ def generate_tokens(model, prompt_ids: list[int], sampler: Sampler, max_new_toke
     check_fits(len(prompt_ids), max_new_tokens, model.config.context_length)
     started = time.perf_counter()
     stop_ids = set(stop_ids)
-    device = model.lm_head.weight.device
+    device = model_device(model)
     sequence = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
     cache = model.new_cache(1, len(prompt_ids) + max_new_tokens) if use_cache else None
     if max_new_tokens == 0:
         return
-    logits = model(sequence, cache)[:, -1]  # prefill: (1, V)
+    logits = model(sequence, cache, last_only=True)[:, -1]  # prefill: (1, V)
     for step in range(max_new_tokens):
         scores = logits if controls is None else controls.apply(logits, sequence[0], step, stop_ids)
         next_id = sampler(scores, sequence)  # (1,)
@@ -75,7 +76,7 @@ def generate_tokens(model, prompt_ids: list[int], sampler: Sampler, max_new_toke
         if cache is not None:
             logits = model(next_id.view(1, 1), cache)[:, -1]  # decode one position
         else:
-            logits = model(sequence)[:, -1]  # recompute everything
+            logits = model(sequence, last_only=True)[:, -1]  # recompute everything
 
 
 @dataclass
@@ -97,7 +98,7 @@ class GenerationStats:
                 f"{self.new_tokens} new tokens at {self.decode_tokens_per_second:.1f} tok/s")
 
 
-def _longest_stop_prefix(text: str, stops: list[str]) -> int:
+def longest_stop_prefix(text: str, stops: list[str]) -> int:
     """Length of the longest tail of `text` that is a proper prefix of a stop string:
     that much text must be held back, since the next token may complete the stop string."""
     best = 0
@@ -145,7 +146,7 @@ class TextStream:
                     yield pending[:cut]
                 self.steps.close()
                 return
-            hold = _longest_stop_prefix(pending, self.stop_strings)
+            hold = longest_stop_prefix(pending, self.stop_strings)
             if len(pending) > hold:
                 yield pending[: len(pending) - hold]
                 pending = pending[len(pending) - hold:]

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from .errors import InvalidArgumentError
 from .generate import Step, check_fits
+from .models.layers import model_device
 from .penalties import LogitControls
 from .sampling import apply_repetition_penalty
 
@@ -105,11 +106,11 @@ def beam_search(model, prompt_ids: list[int], max_new_tokens: int, params: BeamP
         return [Hypothesis([], 0.0) for _ in range(params.num_return_sequences)]
     keep = max(2, 1 + len(stop_ids)) * K  # continuations kept per step
     lp, early = params.length_penalty, params.early_stopping
-    device = model.lm_head.weight.device
+    device = model_device(model)
     prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, P)
 
     cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)
-    logits = model(prompt, cache)[:, -1]  # (1, V)
+    logits = model(prompt, cache, last_only=True)[:, -1]  # (1, V)
     cache.reorder(torch.zeros(K, dtype=torch.long, device=device))  # one row per beam
     logits = logits.expand(K, -1)  # (K, V)
     # Only beam 0 is live at first, so the first step's K beams are K different tokens.
@@ -211,7 +212,7 @@ def contrastive_search_tokens(model, prompt_ids: list[int], max_new_tokens: int,
     started, stop_ids = time.perf_counter(), set(stop_ids)
     if max_new_tokens == 0:
         return
-    device = model.lm_head.weight.device
+    device = model_device(model)
     sequence = torch.tensor(prompt_ids, dtype=torch.long, device=device)  # (N,)
     cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)
     with FinalHiddenStates(model) as hidden:

@@ -25,7 +25,7 @@ def smollm_path():
 def lucid_smollm(smollm_path):
     import lucidlm
 
-    return lucidlm.load(str(smollm_path), progress=False)
+    return lucidlm.load(str(smollm_path), progress=False, dtype="float32")
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +57,7 @@ def gemma_path():
 def lucid_gemma(gemma_path):
     import lucidlm
 
-    return lucidlm.load("gemma3-270m", progress=False)
+    return lucidlm.load("gemma3-270m", progress=False, dtype="float32")
 
 
 @pytest.fixture(scope="session")

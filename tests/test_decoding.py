@@ -26,7 +26,7 @@ def tiny(tmp_path_factory):
     """(hf_model, LucidModel, gguf path): equal weights, untied output."""
     hf, tensors = hf_llama_and_gguf_tensors(tie=False, encoding=Q.F32, seed=3)
     path = write_gguf(tmp_path_factory.mktemp("decoding") / "tiny.gguf", tiny_metadata(), tensors)
-    return hf, lucidlm.load(str(path), progress=False), path
+    return hf, lucidlm.load(str(path), progress=False, dtype="float32"), path
 
 
 def reference_logprobs(hf, prompt_ids, new_ids):

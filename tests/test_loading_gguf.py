@@ -267,7 +267,7 @@ def hf_llama_and_gguf_tensors(tie: bool, encoding: Q, seed: int = 0):
 def test_tiny_model_logits_match_transformers(tmp_path, tie, encoding):
     hf_model, tensors = hf_llama_and_gguf_tensors(tie, encoding)
     path = write_gguf(tmp_path / "tiny.gguf", tiny_metadata(), tensors)
-    model = lucidlm.load(str(path), progress=False)
+    model = lucidlm.load(str(path), progress=False, dtype="float32")
 
     cfg = model.config
     assert (cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, cfg.context_length) == (

@@ -6,6 +6,7 @@ from collections import defaultdict
 from dataclasses import asdict
 
 from ..loading.quants import GGML_TYPES
+from ..models.packed import packed_weight_sizes
 from .hook_point import HOOK_SITES, hook_sites
 
 _GGML_BY_NAME = {t.name: t for t in GGML_TYPES.values()}
@@ -21,19 +22,34 @@ def unique_parameters(model) -> dict[str, object]:
     return unique
 
 
+def weight_sizes(model) -> dict[str, tuple[int, int]]:
+    """Weight name -> (parameters, bytes in memory): ordinary parameters, and the weights of
+    packed modules (`models.packed`), which are buffers holding compressed values."""
+    sizes = {name: (p.numel(), p.numel() * p.element_size()) for name, p in unique_parameters(model).items()}
+    sizes.update(packed_weight_sizes(model))
+    tied = getattr(getattr(model, "config", None), "tie_embeddings", False)
+    if tied and "lm_head.weight" in sizes and "embed_tokens.weight" in sizes:
+        # A packed tied head is an int8 copy of the embedding table: the same parameters,
+        # more memory.
+        _, head_bytes = sizes.pop("lm_head.weight")
+        count, nbytes = sizes["embed_tokens.weight"]
+        sizes["embed_tokens.weight"] = (count, nbytes + head_bytes)
+    return sizes
+
+
 def bytes_by_tensor_type(model, tensor_types: dict[str, str]) -> list[dict]:
     """One row per storage type in the file ("Q4_1", "F32", ...): tensors, parameters, bytes in
     the file (from the type's block layout) and bytes in memory (as loaded, dequantized)."""
     rows: dict[str, dict] = defaultdict(lambda: dict(tensors=0, parameters=0, file_bytes=0, memory_bytes=0))
-    for name, p in unique_parameters(model).items():
+    for name, (count, nbytes) in weight_sizes(model).items():
         type_name = tensor_types.get(name, "unknown")
         row = rows[type_name]
         row["tensors"] += 1
-        row["parameters"] += p.numel()
-        row["memory_bytes"] += p.numel() * p.element_size()
+        row["parameters"] += count
+        row["memory_bytes"] += nbytes
         if type_name in _GGML_BY_NAME:
             t = _GGML_BY_NAME[type_name]
-            row["file_bytes"] += p.numel() // t.block_size * t.type_size
+            row["file_bytes"] += count // t.block_size * t.type_size
     return [{"type": k, **v} for k, v in sorted(rows.items(), key=lambda kv: -kv[1]["parameters"])]
 
 
@@ -47,7 +63,7 @@ def describe(lucid_model) -> dict:
         "file_bytes": lucid_model.path.stat().st_size if lucid_model.path else None,
         "module_tree": repr(model),
         "config": asdict(cfg),
-        "parameters": sum(p.numel() for p in unique_parameters(model).values()),
+        "parameters": sum(count for count, _ in weight_sizes(model).values()),
         "tensor_types": bytes_by_tensor_type(model, lucid_model.tensor_types),
         "context_length": cfg.context_length,
         "kv_cache_bytes_per_token": cfg.kv_bytes_per_token,

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError
+from ..models.layers import model_device
 from .capture import run_with_cache
 
 
@@ -33,12 +34,12 @@ def word_vectors(model: nn.Module, tokenizer, words: list[str], contextual: bool
     """words -> (N, C) float32, one averaged vector per word."""
     check_words(words)
     prefix = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None else []
-    device = model.embed_tokens.weight.device
+    device = model_device(model)
     vectors = []
     for word in words:
         ids = tokenizer.encode(word, add_special=False)
         if not contextual:
-            vectors.append(model.embed_tokens.weight[ids].float().mean(dim=0))  # (C,)
+            vectors.append(model.embed_tokens(torch.tensor(ids, device=device)).float().mean(dim=0))  # (C,)
             continue
         tokens = torch.tensor([prefix + ids], device=device)  # (1, T)
         _, cache = run_with_cache(model, tokens, names=["hook_final_norm"])

@@ -182,6 +182,13 @@ class GGUFFile:
             tensors[name] = TensorInfo(name, dims, ggml_type, start, nbytes)
         return metadata, tensors
 
+    def close(self) -> None:
+        """Unmap the file. Arrays returned by `raw` must no longer be used (copy what you keep)."""
+        try:
+            self._mmap.close()
+        except BufferError:  # a view is still alive somewhere; the mapping goes when it does
+            pass
+
     def raw(self, name: str) -> np.ndarray:
         """The tensor's encoded bytes as a read-only uint8 view of the mapped file."""
         info = self.tensors[name]

@@ -10,10 +10,16 @@ numbers and `block_size` small integers, and an element is reconstructed as
     Q5_0  32 values, 22 bytes: d f16 | qh u32 | qs u8[16]              x = d*(q-16)
     Q5_1  32 values, 24 bytes: d f16 | m f16 | qh u32 | qs u8[16]      x = d*q + m
 
+    Q4_K  256 values, 144 bytes: d f16 | dmin f16 | scales u8[12] | qs u8[128]
+          8 sub-blocks of 32, each with a 6-bit scale sc and 6-bit min m:  x = d*sc*q - dmin*m
+
 In the 4-bit nibbles `qs[j]`, the low nibble is element j and the high nibble element
-j+16; for the 5-bit types bit j of `qh` is the fifth bit of element j. The k-quants
-(Q4_K, Q5_K, Q6_K: 256-value super-blocks with 6-bit sub-block scales) are decoded with
-the `gguf` package's reference numpy implementation.
+j+16; for the 5-bit types bit j of `qh` is the fifth bit of element j. Q5_K and Q6_K are
+decoded with the `gguf` package's reference numpy implementation.
+
+The 4-bit types Q4_0, Q4_1 and Q4_K all mean `scale * q + offset` per group of 32 values
+with q in 0..15; `affine_4bit` returns them in that form, which `models.packed.Int4Linear`
+multiplies with directly (no float copy of the weights is ever made).
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ GGML_TYPES = {
     30: GGMLType("BF16", 1, 2), 34: GGMLType("TQ1_0", 256, 54), 35: GGMLType("TQ2_0", 256, 66),
 }
 
+AFFINE_4BIT_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 
 
@@ -113,6 +120,54 @@ def _dequantize_blocks(type_name: str, blocks: torch.Tensor) -> torch.Tensor:
     raise AssertionError(type_name)
 
 
+def _q4_k_sub_scales(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K's 12 packed bytes per super-block (N, 12) -> 6-bit scales and mins, each (N, 8).
+
+    Sub-blocks 0-3 keep their scale and min in the low 6 bits of bytes 0-3 and 4-7; for
+    sub-blocks 4-7 the low 4 bits sit in bytes 8-11 and the top 2 bits in the spare top
+    bits of bytes 0-3 (scales) and 4-7 (mins).
+    """
+    s = scales.long()
+    low_sc, low_m = s[:, 0:4] & 63, s[:, 4:8] & 63
+    high_sc = (s[:, 8:12] & 0x0F) | ((s[:, 0:4] >> 6) << 4)
+    high_m = (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)
+    return torch.cat([low_sc, high_sc], dim=1), torch.cat([low_m, high_m], dim=1)
+
+
+def affine_4bit(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...],
+                name: str = "tensor") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Q4_0/Q4_1/Q4_K matrix as (q, scale, offset) with value = scale * q + offset per 32-group.
+
+    shape (N, K) -> q (N, K) uint8 in 0..15, scale and offset (N, K/32) float32.
+    """
+    check_supported(ggml_type, name)
+    t = GGML_TYPES[ggml_type]
+    if t.name not in AFFINE_4BIT_TYPES:
+        raise UnsupportedError(f"tensor '{name}' is {t.name}, not one of the 4-bit types {AFFINE_4BIT_TYPES}")
+    N, K = shape
+    blocks = torch.from_numpy(raw.copy()).view(-1, t.type_size)
+    if t.name == "Q4_0":  # d*(q-8)
+        d = _f16(blocks, 0)
+        q, scale, offset = _nibbles(blocks[:, 2:18]), d, -8 * d
+    elif t.name == "Q4_1":  # d*q + m
+        q, scale, offset = _nibbles(blocks[:, 4:20]), _f16(blocks, 0), _f16(blocks, 2)
+    else:  # Q4_K: d*sc*q - dmin*m, sub-block by sub-block
+        d, dmin = _f16(blocks, 0), _f16(blocks, 2)  # (B, 1)
+        sc, m = _q4_k_sub_scales(blocks[:, 4:16])  # (B, 8)
+        qs = blocks[:, 16:144].reshape(-1, 4, 32)  # 4 chunks of 32 bytes = 64 values each
+        # Chunk j: low nibbles are values 64j..64j+31 (sub-block 2j), high nibbles the next 32.
+        q = torch.stack([qs & 0x0F, qs >> 4], dim=2).reshape(-1, 256)
+        scale, offset = d * sc.float(), -dmin * m.float()  # (B, 8)
+    return q.reshape(N, K), scale.reshape(N, K // 32), offset.reshape(N, K // 32)
+
+
+def q8_0_parts(raw: np.ndarray, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Q8_0 matrix (N, K) as its int8 values (N, K) and per-32 scales (N, K/32) float32."""
+    N, K = shape
+    blocks = torch.from_numpy(raw.copy()).view(-1, 34)
+    return blocks[:, 2:34].contiguous().view(torch.int8).reshape(N, K), _f16(blocks, 0).reshape(N, K // 32)
+
+
 def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...], name: str = "tensor") -> torch.Tensor:
     """Decode a tensor's encoded bytes `raw` (uint8) into a float32 tensor of PyTorch `shape`."""
     check_supported(ggml_type, name)
@@ -128,7 +183,10 @@ def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...], name: st
     elif t.name in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"):
         blocks = torch.from_numpy(raw.copy()).view(-1, t.type_size)
         values = _dequantize_blocks(t.name, blocks)
-    else:  # k-quants
+    elif t.name == "Q4_K":
+        q, scale, offset = affine_4bit(raw, ggml_type, (math.prod(shape) // 256 * 8, 32), name)
+        values = q.float() * scale + offset
+    else:  # Q5_K, Q6_K
         from gguf.quants import dequantize as gguf_dequantize
 
         values = torch.from_numpy(np.ascontiguousarray(gguf_dequantize(raw, ggml_type), dtype=np.float32))

@@ -156,13 +156,17 @@ class Gemma3(nn.Module):
         self.rope_global = RotaryEmbedding(cfg.head_dim, cfg.rope_base, cfg.context_length)
         self.rope_local = RotaryEmbedding(cfg.head_dim, cfg.rope_local_base, cfg.context_length)
 
+    # dtype of the activations and the KV cache; the loader sets bfloat16 for bfloat16 or
+    # packed weights (`loading.load`). A class attribute, so models built directly stay float32.
+    compute_dtype: torch.dtype = torch.float32
+
     def new_cache(self, batch: int, max_positions: int | None = None) -> KVCache:
         cfg = self.config
         return KVCache(cfg.n_layers, batch, cfg.n_kv_heads, max_positions or cfg.context_length, cfg.head_dim,
-                       dtype=self.embed_tokens.weight.dtype, device=self.embed_tokens.weight.device)
+                       dtype=self.compute_dtype, device=self.norm.weight.device)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
-                valid: torch.Tensor | None = None) -> torch.Tensor:
+                valid: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V); `valid` and `cache` as in `Llama.forward`."""
         cfg = self.config
         B, T = tokens.shape
@@ -178,7 +182,7 @@ class Gemma3(nn.Module):
         local_mask = attention_mask(valid, start, T, window=cfg.sliding_window)
 
         # The embedding is scaled by sqrt(C) (rounded to the weights' dtype, as in training).
-        x = self.embed_tokens(tokens) * torch.tensor(cfg.d_model**0.5, dtype=self.embed_tokens.weight.dtype)
+        x = self.embed_tokens(tokens) * torch.tensor(cfg.d_model**0.5, dtype=self.compute_dtype)
         x = self.hook_embed(x)  # (B, T, C)
         for block in self.layers:
             if block.self_attn.is_global:
@@ -187,4 +191,6 @@ class Gemma3(nn.Module):
                 x = block(x, self.rope_local, positions, local_mask, cache)
         if cache is not None:
             cache.advance(T)
+        if last_only:  # generation needs only the next token's logits: skip the LM head elsewhere
+            x = x[:, -1:]
         return self.lm_head(self.hook_final_norm(self.norm(x))).float()

@@ -16,6 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device a model's weights are on (its first parameter's; norms are always parameters)."""
+    return next(model.parameters()).device
+
+
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x²) + eps) * weight  (Zhang & Sennrich 2019, arXiv:1910.07467).
 
@@ -58,36 +63,54 @@ class RotaryEmbedding(nn.Module):
 
     Dimension pair (i, i + D/2) of every query and key head is rotated by the angle
     position * base^(-2i/D). Rotating both q and k makes their dot product depend only
-    on the distance between positions. cos/sin tables are built once for all positions.
+    on the distance between positions. The angles are computed (in float64, then rounded to
+    float32) for the positions of each forward pass, once for all its layers: no table of
+    every position is kept (Gemma 3's would take 128 MiB for its 32k context).
     """
 
     def __init__(self, head_dim: int, base: float, max_positions: int):
         super().__init__()
         self.head_dim, self.base, self.max_positions = head_dim, base, max_positions
-        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._last_positions: torch.Tensor | None = None
+        self._last_angles: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, base={self.base:g}, max_positions={self.max_positions}"
 
+    def inverse_frequencies(self) -> torch.Tensor:
+        """(D/2,) float64: the angle per position of each dimension pair."""
+        return rope_inv_freq(self.head_dim, self.base)
+
     def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin, each (S_max, D) float32, built on first use (not at construction, so a
-        model can be created on the `meta` device and loaded without rebuilding them)."""
-        if self._tables is None or self._tables[0].device != device:
-            D = self.head_dim
-            inv_freq = 1.0 / (self.base ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
-            angles = torch.outer(torch.arange(self.max_positions, dtype=torch.float64), inv_freq)  # (S_max, D/2)
-            angles = torch.cat([angles, angles], dim=-1)  # (S_max, D): same angle for i and i + D/2
-            self._tables = (angles.cos().float().to(device), angles.sin().float().to(device))
-        return self._tables
+        """cos and sin for every position, each (S_max, D) float32 (for tests and plots)."""
+        return self._cos_sin(torch.arange(self.max_positions, device=device))
+
+    def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = positions.to(torch.float64)[..., None] * self.inverse_frequencies().to(positions.device)  # (..., D/2)
+        angles = torch.cat([angles, angles], dim=-1)  # (..., D): the same angle for i and i + D/2
+        return angles.cos().float(), angles.sin().float()
+
+    def angles_at(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and *signed* sin at `positions` (B, T), each (B, 1, T, D) in `dtype` (rounded from float32).
+
+        Signed: the first half of sin negated, so that the rotation is
+        x * cos + swap_halves(x) * signed_sin, i.e. the pair (a, b) becomes
+        (a cos - b sin, b cos + a sin). Every layer of a forward pass passes the same
+        positions tensor, so the last result is kept and reused.
+        """
+        if positions is not self._last_positions or self._last_angles[0].dtype != dtype:
+            cos, sin = self._cos_sin(positions)  # (B, T, D)
+            half = self.head_dim // 2
+            signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+            self._last_angles = (cos.unsqueeze(1).to(dtype), signed_sin.unsqueeze(1).to(dtype))
+            self._last_positions = positions
+        return self._last_angles
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: (B, H, T, D); positions: (B, T) absolute positions -> rotated x, same shape."""
-        cos_table, sin_table = self.tables(x.device)
-        cos = cos_table[positions].unsqueeze(1).to(x.dtype)  # (B, 1, T, D)
-        sin = sin_table[positions].unsqueeze(1).to(x.dtype)
-        half = x.shape[-1] // 2
-        rotated_half = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated_half * sin
+        cos, signed_sin = self.angles_at(positions, x.dtype)  # (B, 1, T, D)
+        swapped = torch.roll(x, shifts=x.shape[-1] // 2, dims=-1)  # (x[D/2:], x[:D/2])
+        return x * cos + swapped * signed_sin
 
 
 def token_positions(valid: torch.Tensor, start: int, T: int) -> torch.Tensor:
@@ -224,9 +247,5 @@ class FrequencyRotaryEmbedding(RotaryEmbedding):
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, scaled frequencies, max_positions={self.max_positions}"
 
-    def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._tables is None or self._tables[0].device != device:
-            angles = torch.outer(torch.arange(self.max_positions, dtype=torch.float64), self.inv_freq)  # (S_max, D/2)
-            angles = torch.cat([angles, angles], dim=-1)  # (S_max, D)
-            self._tables = (angles.cos().float().to(device), angles.sin().float().to(device))
-        return self._tables
+    def inverse_frequencies(self) -> torch.Tensor:
+        return self.inv_freq

@@ -134,17 +134,23 @@ class Llama(nn.Module):
             inv_freq = llama3_scaled_inv_freq(rope_inv_freq(cfg.head_dim, cfg.rope_base), *cfg.rope_scaling)
             self.rope = FrequencyRotaryEmbedding(inv_freq, cfg.context_length)
 
+    # dtype of the activations and the KV cache; the loader sets bfloat16 for bfloat16 or
+    # packed weights (`loading.load`). A class attribute, so models built directly stay float32.
+    compute_dtype: torch.dtype = torch.float32
+
     def new_cache(self, batch: int, max_positions: int | None = None) -> KVCache:
         cfg = self.config
         return KVCache(cfg.n_layers, batch, cfg.n_kv_heads, max_positions or cfg.context_length, cfg.head_dim,
-                       dtype=self.embed_tokens.weight.dtype, device=self.embed_tokens.weight.device)
+                       dtype=self.compute_dtype, device=self.norm.weight.device)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
-                valid: torch.Tensor | None = None) -> torch.Tensor:
+                valid: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V).
 
         valid (B, T) bool marks real tokens (False for left padding); with a cache the new
         tokens are appended after the `cache.length` positions already stored.
+        last_only: return logits for the last position only, (B, 1, V): all that generation
+        needs, and the LM head is the largest matmul of a prefill (T x C x V).
         """
         B, T = tokens.shape
         if valid is None:
@@ -162,4 +168,6 @@ class Llama(nn.Module):
             x = block(x, self.rope, positions, mask, cache)
         if cache is not None:
             cache.advance(T)
+        if last_only:  # generation needs only the next token's logits: skip the LM head elsewhere
+            x = x[:, -1:]
         return self.lm_head(self.hook_final_norm(self.norm(x))).float()  # (B, T, V)

@@ -135,7 +135,7 @@ class Phi3(nn.Module):
                        dtype=self.embed_tokens.weight.dtype, device=self.embed_tokens.weight.device)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
-                valid: torch.Tensor | None = None) -> torch.Tensor:
+                valid: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V); `valid` and `cache` as in `Llama.forward`."""
         B, T = tokens.shape
         if valid is None:
@@ -153,4 +153,6 @@ class Phi3(nn.Module):
             x = block(x, self.rope, positions, mask, cache)
         if cache is not None:
             cache.advance(T)
+        if last_only:  # generation needs only the next token's logits: skip the LM head elsewhere
+            x = x[:, -1:]
         return self.lm_head(self.hook_final_norm(self.norm(x))).float()  # (B, T, V)
