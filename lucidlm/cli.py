@@ -15,9 +15,6 @@ from .cli_model import add_model_args, load_model
 from .errors import LucidError
 
 
-_add_model_arg = add_model_args
-
-
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", "-n", type=int, default=128)
     p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
@@ -212,13 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="stream a completion of a prompt")
     p.add_argument("prompt")
-    _add_model_arg(p)
+    add_model_args(p)
     _add_sampling_args(p)
     add_decoding_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="multi-turn chat using the model's chat template")
-    _add_model_arg(p)
+    add_model_args(p)
     _add_sampling_args(p)
     p.add_argument("--system", default=None, help="system message")
     p.set_defaults(func=cmd_chat)
@@ -247,14 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("bench", help="load time, prefill and decode speed, time to first token, peak memory")
-    _add_model_arg(p)
+    add_model_args(p)
     p.add_argument("--runs", type=int, default=3, help="repetitions; medians are reported (default 3)")
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching, and the explorer page")
-    _add_model_arg(p)
+    add_model_args(p)
     p.add_argument("--embedding-model", default="auto", metavar="NAME",
                    help="encoder for /v1/embeddings (default: minilm-l6-v2 when installed; 'none' for none)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
