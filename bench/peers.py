@@ -17,7 +17,9 @@ What each engine does, all with the same token ids (the GGUF's own vocabulary) a
 
 transformers loads the GGUF by dequantizing it (`gguf_file=`), in float32 or bfloat16; its decode
 is a loop of forward passes with `past_key_values` (what `generate` does, minus its bookkeeping).
-llama.cpp runs the quantized file as is through llama-cpp-python.
+llama.cpp runs the quantized file as is through llama-cpp-python. `lucid-compiled` is LucidLM
+with `compile=True` (torch.compile'd decode steps); its one-off compilation is timed apart
+(`compile_s`, printed below the table), not in load or decode.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import time
 from pathlib import Path
 
 MODELS = {"smollm2": "smollm2-135m-instruct", "gemma3": "gemma3-270m"}
-ENGINES = ("lucid", "llama.cpp", "hf-fp32", "hf-bf16")
+ENGINES = ("lucid", "lucid-compiled", "llama.cpp", "hf-fp32", "hf-bf16")
 PROMPT_LENGTHS = (128, 512)
 DECODE_TOKENS = 128
 CORPUS = Path(__file__).resolve().parent.parent / "docs" / "walkthrough.md"
@@ -72,13 +74,18 @@ def worker(engine: str, model_name: str, threads: int) -> dict:
     prompts = {n: prompt_ids(model_name, n) for n in PROMPT_LENGTHS}
     result = {"engine": engine, "model": model_name}
 
-    if engine == "lucid":
+    if engine.startswith("lucid"):
         import lucidlm
         from lucidlm.generate import generate_tokens
         from lucidlm.sampling import SamplingParams, make_sampler
 
-        result["load_s"] = _timed(lambda: globals().__setitem__("_m", lucidlm.load(model_name, progress=False)))
+        compile = engine == "lucid-compiled"
+        result["load_s"] = _timed(lambda: globals().__setitem__(
+            "_m", lucidlm.load(model_name, progress=False, compile=compile)))
         model = globals()["_m"].model
+        if compile:  # compilation happens at the first decode step: done (and timed) before the rest
+            result["compile_s"] = _timed(lambda: list(generate_tokens(
+                model, prompts[128][:8], make_sampler(SamplingParams()), 3)))
 
         def prefill(ids):
             with torch.inference_mode():
@@ -162,7 +169,7 @@ METRICS = ("prefill_128", "prefill_512", "decode", "load_s", "peak_rss_mib")
 
 
 def medians(results: list[dict]) -> dict:
-    return {k: statistics.median(r[k] for r in results) for k in METRICS}
+    return {k: statistics.median(r[k] for r in results) for k in METRICS + ("compile_s",) if k in results[0]}
 
 
 def versions() -> str:
@@ -194,12 +201,23 @@ def table(summary: dict[tuple[str, str], dict]) -> str:
              "|---|---|---|---|---|---|"]
     for (model, engine), m in summary.items():
         ours = summary.get((model, "lucid"))
-        if engine == "lucid" or ours is None:
+        if engine.startswith("lucid") or ours is None:
             continue
         rows.append(f"| {model} · {engine} | {ours['prefill_128'] / m['prefill_128']:.2f}x "
                     f"| {ours['prefill_512'] / m['prefill_512']:.2f}x | {ours['decode'] / m['decode']:.2f}x "
                     f"| {m['load_s'] / ours['load_s']:.2f}x | {ours['peak_rss_mib'] / m['peak_rss_mib']:.2f} |")
-    return "\n".join(rows)
+    compiled = [(model, summary.get((model, "lucid")), m) for (model, engine), m in summary.items()
+                if engine == "lucid-compiled"]
+    notes = []
+    for model, eager, m in compiled:
+        for (peer_model, engine), peer in summary.items():
+            if peer_model == model and not engine.startswith("lucid"):
+                rows.append(f"| {model} · {engine} (LucidLM compiled) | {m['prefill_128'] / peer['prefill_128']:.2f}x "
+                            f"| {m['prefill_512'] / peer['prefill_512']:.2f}x | {m['decode'] / peer['decode']:.2f}x "
+                            f"| {peer['load_s'] / m['load_s']:.2f}x | {m['peak_rss_mib'] / peer['peak_rss_mib']:.2f} |")
+        note = f"compiled decode ÷ eager: {m['decode'] / eager['decode']:.2f}x; " if eager else ""
+        notes.append(f"{model}: {note}compilation (first decode step) {m['compile_s']:.1f} s median.")
+    return "\n".join(rows + ([""] + notes if notes else []))
 
 
 def write_section(path: Path, title: str, body: str) -> None:

@@ -8,7 +8,8 @@ For each position of a 1,000-token English text, the next-token distribution of 
 candidate is compared with the reference's: mean KL(reference || candidate) in nats, and how
 often the most likely token is the same. Candidates: LucidLM "packed" (the CPU default:
 4-bit weights as stored, int8 LM head) and "bfloat16", and llama.cpp on the same file
-(its own quantized kernels, which also quantize activations to 8 bits).
+(its own quantized kernels, which also quantize activations to 8 bits). "packed, compiled
+decode" feeds the text one token at a time through `compile=True` decode steps.
 """
 
 from __future__ import annotations
@@ -37,6 +38,16 @@ def lucid_logits(model_name: str, ids: list[int], dtype: str) -> torch.Tensor:
     return lucidlm.load(model_name, dtype=dtype, progress=False).logits(ids)
 
 
+def lucid_compiled_decode_logits(model_name: str, ids: list[int]) -> torch.Tensor:
+    """Packed, compile=True, one token per step through the KV cache: what compiled generation computes."""
+    import lucidlm
+
+    model = lucidlm.load(model_name, progress=False, compile=True).model
+    with torch.inference_mode():
+        cache = model.new_cache(1, len(ids))
+        return torch.stack([model(torch.tensor([[token]]), cache)[0, -1] for token in ids])
+
+
 def llama_cpp_logits(model_name: str, ids: list[int]) -> torch.Tensor:
     import numpy as np
     from llama_cpp import Llama
@@ -60,7 +71,8 @@ def main() -> None:
         ids = prompt_ids(name, args.tokens)
         reference = lucid_logits(name, ids, "float32")
         candidates = {"LucidLM packed (default)": lambda: lucid_logits(name, ids, "packed"),
-                      "LucidLM bfloat16": lambda: lucid_logits(name, ids, "bfloat16")}
+                      "LucidLM bfloat16": lambda: lucid_logits(name, ids, "bfloat16"),
+                      "LucidLM packed, compiled decode": lambda: lucid_compiled_decode_logits(name, ids)}
         try:
             import llama_cpp  # noqa: F401
 

@@ -26,6 +26,7 @@ from typing import Iterator
 
 import torch
 
+from .compile import compile_decode
 from .decoding import DecodingOptions, Generation, decode, token_steps
 from .errors import ContextOverflowError, InvalidArgumentError, LucidError
 from .generate import GenerationStats, TextStream
@@ -230,7 +231,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load(name_or_path: str | None = None, progress: bool = True, dtype: str = "auto",
-         device: str = "cpu") -> LucidModel:
+         device: str = "cpu", compile: bool = False) -> LucidModel:
     """Load a model by catalogue name (default: smollm2-135m-instruct), GGUF file path or Hugging Face
     checkpoint directory.
 
@@ -245,7 +246,19 @@ def load(name_or_path: str | None = None, progress: bool = True, dtype: str = "a
         "auto"      (default) "packed" for GGUF files on the CPU, "bfloat16" for GGUF on a GPU,
                     "float32" for Hugging Face checkpoint directories.
     device: "cpu" (default), "cuda" (or "cuda:N"), or "auto" (a GPU when PyTorch sees one).
+    compile: run decode steps through torch.compile (`lucidlm.compile`): faster tokens once
+        compiled, at the cost of compiling at the first decode step (about a minute the first
+        time, seconds once Inductor's disk cache has it). Introspection stays eager.
     """
+    model = _load(name_or_path, progress, dtype, device)
+    if compile:
+        if model.is_encoder:
+            raise InvalidArgumentError("compile=True speeds up decoding; an encoder has no decode step")
+        compile_decode(model.model, progress)
+    return model
+
+
+def _load(name_or_path: str | None, progress: bool, dtype: str, device: str) -> LucidModel:
     if dtype not in DTYPES:
         raise InvalidArgumentError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     target = resolve_device(device)

@@ -32,6 +32,7 @@ class BenchResult:
     decode_tokens_per_second: float  # greedy, batch 1, KV cache
     decode_tokens: int
     peak_rss_mib: float
+    compile_seconds: float | None = None  # with compile=True: the first decode step, compilation included
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,6 +45,8 @@ class BenchResult:
         lines += [f"  time to first token     {self.time_to_first_token * 1000:8.1f} ms",
                   f"  decode ({self.decode_tokens} tokens)      {self.decode_tokens_per_second:8.1f} tok/s",
                   f"  peak RSS                {self.peak_rss_mib:8.1f} MiB"]
+        if self.compile_seconds is not None:
+            lines.insert(1, f"  compile (first step)    {self.compile_seconds:8.2f} s")
         return "\n".join(lines)
 
 
@@ -59,13 +62,14 @@ def _synchronize() -> None:
 
 
 def run_benchmark(model_name: str | None = None, runs: int = 3, prompt_lengths=(128, 512),
-                  decode_tokens: int = 64, dtype: str = "auto", device: str = "cpu") -> BenchResult:
+                  decode_tokens: int = 64, dtype: str = "auto", device: str = "cpu",
+                  compile: bool = False) -> BenchResult:
     from .api import load
 
     if runs < 1 or decode_tokens < 2:
         raise InvalidArgumentError("bench needs runs >= 1 and at least 2 decode tokens")
     started = time.perf_counter()
-    m = load(model_name, progress=False, dtype=dtype, device=device)
+    m = load(model_name, progress=False, dtype=dtype, device=device, compile=compile)
     load_seconds = time.perf_counter() - started
     m._require_decoder()
     cfg = m.config
@@ -87,6 +91,12 @@ def run_benchmark(model_name: str | None = None, runs: int = 3, prompt_lengths=(
                 seconds.append(time.perf_counter() - start)
             prefill[length] = length / statistics.median(seconds)
 
+    compile_seconds = None
+    if compile:  # compilation happens at the first decode step: time it apart from the decode rates
+        start = time.perf_counter()
+        for _ in generate_tokens(m.model, _prompt(8, cfg.vocab_size), make_sampler(SamplingParams()), 3, stop_ids=()):
+            pass
+        compile_seconds = time.perf_counter() - start
     rates = []
     for _ in range(runs):
         start = time.perf_counter()
@@ -99,4 +109,5 @@ def run_benchmark(model_name: str | None = None, runs: int = 3, prompt_lengths=(
         first_token.append(first - start)
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     return BenchResult(m.name, torch.get_num_threads(), runs, load_seconds, prefill,
-                       statistics.median(first_token), statistics.median(rates), decode_tokens, peak_rss_mib)
+                       statistics.median(first_token), statistics.median(rates), decode_tokens, peak_rss_mib,
+                       compile_seconds)

@@ -167,7 +167,7 @@ def cmd_bench(args) -> int:
     from .benchmark import run_benchmark
 
     result = run_benchmark(args.model, runs=args.runs, decode_tokens=args.decode_tokens, dtype=args.dtype,
-                           device=args.device)
+                           device=args.device, compile=args.compile)
     print(json.dumps(result.to_dict()) if args.json else result.table())
     return 0
 
@@ -182,10 +182,14 @@ def cmd_serve(args) -> int:
 
     api_key = args.api_key or os.environ.get("LUCID_API_KEY")  # the variable keeps the key out of `ps`
     model = load_model(args, args.model or DEFAULT_MODEL)  # by name, so that the API calls it by its catalogue name
+    if args.compile:  # compile before the first request, not during it
+        from .compile import warm_up
+
+        warm_up(model.model)
     embedder_name = args.embedding_model
     if embedder_name == "auto":  # MiniLM when its package is installed
         embedder_name = "minilm-l6-v2" if CATALOGUE["minilm-l6-v2"].locate() else "none"
-    embedder = None if embedder_name == "none" else load_model(args, embedder_name)
+    embedder = None if embedder_name == "none" else load_model(args, embedder_name, compile=False)
     app = create_app(model, embedding_model=embedder, api_key=api_key, max_queue=args.max_queue,
                      max_batch=args.max_batch, max_body_bytes=args.max_body_bytes,
                      default_max_tokens=args.default_max_tokens, model_id=args.model_id)

@@ -389,7 +389,7 @@ def test_tiny_packed_model_matches_transformers(tmp_path, encoding):
     hf_model, tensors = hf_llama_and_gguf_tensors(tie=True, encoding=encoding)
     path = write_gguf(tmp_path / "tiny.gguf", tiny_metadata(), tensors)
     model = lucidlm.load(str(path), progress=False, dtype="packed")
-    assert isinstance(model.model.layers[0].self_attn.q_proj, Int4Linear)
+    assert isinstance(model.model.layers[0].self_attn.qkv_proj, Int4Linear)  # q, k, v stacked (fuse_projections)
     assert isinstance(model.model.layers[1].mlp.down_proj, Int4Linear)
     ids = torch.from_numpy(np.random.default_rng(1).integers(0, VOCAB_SIZE, size=(48,)))
     with torch.inference_mode():
@@ -453,7 +453,8 @@ def _greedy(model, ids, n, use_cache):
 def test_smollm_packed_modules(smollm_packed, lucid_smollm):
     model = smollm_packed.model
     int4 = [m for m in model.modules() if isinstance(m, Int4Linear)]
-    assert len(int4) == 7 * model.config.n_layers  # every Q4_1 matrix stays 4-bit
+    # every Q4_1 matrix stays 4-bit: q/k/v stacked in one layer, gate/up in one, o and down
+    assert len(int4) == 4 * model.config.n_layers
     assert isinstance(model.embed_tokens, Q8Embedding) and isinstance(model.lm_head, Int8Linear)
     # the packed modules hold the file's values: the embedding table exactly; q_proj (rows
     # permuted back from llama.cpp's RoPE order) up to the bfloat16 rounding of its scales

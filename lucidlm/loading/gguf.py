@@ -89,21 +89,56 @@ class _Cursor:
         return bytes(self.take(length)).decode("utf-8", errors="replace")
 
     def strings(self, count: int) -> list[str]:
-        """`count` consecutive strings: a tight loop, since vocabularies hold 50k-260k of them."""
-        buf, pos, end = self.buf, self.pos, len(self.buf)
+        """`count` consecutive strings. Vocabularies hold 50k-260k of them, so instead of
+        decoding each one, we find where each starts (`_string_starts`) and decode all of them
+        with a single call: their 8-byte length prefixes are overwritten with NUL bytes, the
+        region decodes as one text, and splitting it at each run of 8 NULs gives the strings.
+        (A NUL inside a string, or bytes that are not UTF-8, fall back to one decode each.)"""
+        begin = self.pos
+        starts = self._string_starts(count)  # moves self.pos past the strings
+        region = np.frombuffer(self.buf, dtype=np.uint8, count=self.pos - begin, offset=begin).copy()
+        region[(starts[:, None] - begin + np.arange(8)).reshape(-1)] = 0
+        try:
+            text = str(region.data, "utf-8")
+        except UnicodeDecodeError:
+            text = None
+        if text is not None and text.count("\0") == 8 * count:
+            return text.split("\0" * 8)[1:]
         unpack_length = struct.Struct("<Q").unpack_from
-        out = []
+        return [str(self.buf[s + 8 : s + 8 + unpack_length(self.buf, s)[0]], "utf-8", "replace") for s in starts.tolist()]
+
+    def _string_starts(self, count: int) -> np.ndarray:
+        """Offsets of the length prefixes of `count` consecutive strings; moves past them."""
+        buf, pos, end = self.buf, self.pos, len(self.buf)
+        starts = []
+        append = starts.append
+        # Fast pass for the usual case, every string shorter than 256 bytes: a length is then
+        # its first byte (the 7 others are zero, which we check at once afterwards), so one
+        # index per string does instead of a struct unpack.
+        try:
+            for _ in range(count):
+                append(pos)
+                pos += 8 + buf[pos]
+        except IndexError:  # ran off the end: a longer string or a truncated file
+            pass
+        else:
+            offsets = np.array(starts, dtype=np.int64)
+            if pos <= end and not np.frombuffer(buf, dtype=np.uint8)[offsets[:, None] + np.arange(1, 8)].any():
+                self.pos = pos
+                return offsets
+        # Exact pass.
+        pos, starts = self.pos, []
+        unpack_length = struct.Struct("<Q").unpack_from
         for _ in range(count):
             if pos + 8 > end:
                 raise ModelFileError(f"{self.path}: GGUF header is truncated at byte {pos}")
+            starts.append(pos)
             (length,) = unpack_length(buf, pos)
-            pos += 8
-            if pos + length > end:
-                raise ModelFileError(f"{self.path}: GGUF header is truncated at byte {pos}")
-            out.append(str(buf[pos : pos + length], "utf-8", "replace"))
-            pos += length
+            if pos + 8 + length > end:
+                raise ModelFileError(f"{self.path}: GGUF header is truncated at byte {pos + 8}")
+            pos += 8 + length
         self.pos = pos
-        return out
+        return np.array(starts, dtype=np.int64)
 
     def value(self, value_type: int):
         if value_type in _SCALAR_FORMATS:
@@ -187,6 +222,17 @@ class GGUFFile:
         try:
             self._mmap.close()
         except BufferError:  # a view is still alive somewhere; the mapping goes when it does
+            pass
+
+    def release(self, name: str) -> None:
+        """Drop the tensor's mapped pages from this process (they stay in the OS page cache):
+        call it once the tensor is copied out, so that loading does not hold the whole file
+        in memory on top of the model (`raw` still works after it: the pages come back)."""
+        info = self.tensors[name]
+        start = info.offset // mmap.PAGESIZE * mmap.PAGESIZE
+        try:
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, info.offset + info.nbytes - start)
+        except (AttributeError, ValueError, OSError):  # no madvise here (Windows), or a closed file
             pass
 
     def raw(self, name: str) -> np.ndarray:

@@ -30,7 +30,7 @@ import torch
 from ..errors import ModelFileError, UnsupportedError
 from ..models.gemma3 import Gemma3
 from ..models.llama import Llama
-from ..models.packed import Int4Linear, Int8Linear, Q8Embedding
+from ..models.packed import Int4Linear, Int8Linear, Q8Embedding, fuse_projections
 from ..progress import Progress
 from ..tokenizers import BPETokenizer
 from ..tokenizers.registry import tokenizer_from_gguf_metadata
@@ -116,6 +116,14 @@ def load_gguf(path: str | Path, dtype: str = "float32", progress: bool = True) -
     # only unquantized files have dense matrices, and float32 matmuls are the fast ones on CPU).
     matrix_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     bar = Progress(f"Loading {gguf.path.name}", len(names), enabled=progress)
+
+    def decode(g: str, decoder, *args):
+        """decoder(tensor g's bytes, *args), which copies them out; then the file's pages of g
+        are dropped (peak memory: the model, not the model plus the mapped file)."""
+        out = decoder(gguf.raw(g), *args)
+        gguf.release(g)
+        return out
+
     for n, (g, ours) in enumerate(names.items()):
         info = gguf.tensors[g]
         module_name = ours.removesuffix(".weight")
@@ -123,15 +131,15 @@ def load_gguf(path: str | Path, dtype: str = "float32", progress: bool = True) -
         if dtype == "packed" and is_linear and info.type_name in AFFINE_4BIT_TYPES and Int4Linear.fits(info.shape):
             # Fix-ups of linear weights only reorder rows (Llama's RoPE permutation), so
             # they apply to q, scale and offset alike.
-            q, scale, offset = (fix_up(ours, t, cfg) for t in affine_4bit(gguf.raw(g), info.ggml_type, info.shape, g))
-            packed[module_name] = Int4Linear(q, scale, offset)
+            q, scale, offset = (fix_up(ours, t, cfg) for t in decode(g, affine_4bit, info.ggml_type, info.shape, g))
+            packed[module_name] = Int4Linear(q, scale, offset, pack=False)  # packed below, after stacking
         elif dtype == "packed" and ours == "embed_tokens.weight" and info.type_name == "Q8_0":
             # The fix-ups never touch embedding tables, so the raw Q8_0 blocks are the table.
-            packed["embed_tokens"] = Q8Embedding(*q8_0_parts(gguf.raw(g), info.shape))
+            packed["embed_tokens"] = Q8Embedding(*decode(g, q8_0_parts, info.shape))
             if cfg.tie_embeddings:
                 packed["lm_head"] = packed["embed_tokens"].as_int8_linear()
         else:
-            tensor = fix_up(ours, dequantize(gguf.raw(g), info.ggml_type, info.shape, g), cfg)
+            tensor = fix_up(ours, decode(g, dequantize, info.ggml_type, info.shape, g), cfg)
             if dtype == "packed" and is_linear and info.type_name not in ("F32", "F16", "BF16"):
                 packed[module_name] = Int8Linear.quantize(tensor)  # Q5_0, Q8_0, Q6_K ...: int8 per row
             else:
@@ -152,6 +160,11 @@ def load_gguf(path: str | Path, dtype: str = "float32", progress: bool = True) -
         raise AssertionError(f"state dict mismatch: missing {still_missing[:5]}, unexpected {unexpected[:5]}")
     if cfg.tie_embeddings and "lm_head" not in packed:
         model.lm_head.weight = model.embed_tokens.weight
+    if dtype == "packed":
+        fuse_projections(model, release_freed_memory)  # q/k/v, gate/up stacked: fewer, larger kernel calls
+        for module in model.modules():
+            if isinstance(module, Int4Linear):
+                module.pack()  # the int4 kernel's tiled copy, built once per (stacked) layer
     model.compute_dtype = matrix_dtype
     model.eval()
     gguf.close()  # every tensor has been copied out; drop the mapped pages of the file

@@ -27,7 +27,8 @@ from torch import nn
 
 from ..cache import KVCache
 from ..introspect.hook_point import HookPoint
-from .layers import Embedding, RotaryEmbedding, attention_mask, scaled_dot_product_attention, token_positions
+from .layers import (Embedding, RotaryEmbedding, attention_mask, project_gate_up, project_qkv,
+                     scaled_dot_product_attention, token_positions)
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.qkv_proj: nn.Module | None = None  # packed models: q, k, v stacked (see layers.project_qkv)
         self.q_norm = GemmaRMSNorm(cfg.head_dim, cfg.norm_eps)
         self.k_norm = GemmaRMSNorm(cfg.head_dim, cfg.norm_eps)
         self.explicit = False
@@ -92,9 +94,10 @@ class Attention(nn.Module):
 
     def forward(self, x, rope: RotaryEmbedding, positions, mask, cache: KVCache | None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
-        v = self.hook_v(self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2))
+        q, k, v = project_qkv(self, x)  # (B, T, H*D), (B, T, H_kv*D), (B, T, H_kv*D)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        v = self.hook_v(v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2))
         q, k = self.hook_q(self.q_norm(q)), self.hook_k(self.k_norm(k))  # QK-norm over D
         q, k = self.hook_rot_q(rope(q, positions)), self.hook_rot_k(rope(k, positions))
         if cache is not None:
@@ -114,9 +117,11 @@ class GeGLU(nn.Module):
         self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
         self.up_proj = nn.Linear(d_model, d_ff, bias=False)
         self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # packed models: gate and up stacked (see layers.project_gate_up)
 
     def forward(self, x):
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        gate, up = project_gate_up(self, x)  # (B, T, F) each
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
 class Block(nn.Module):

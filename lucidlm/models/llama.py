@@ -26,7 +26,8 @@ from torch import nn
 from ..cache import KVCache
 from ..introspect.hook_point import HookPoint
 from .layers import (Embedding, FrequencyRotaryEmbedding, RMSNorm, RotaryEmbedding, SwiGLU, attention_mask,
-                     llama3_scaled_inv_freq, rope_inv_freq, scaled_dot_product_attention, token_positions)
+                     llama3_scaled_inv_freq, project_qkv, rope_inv_freq, scaled_dot_product_attention,
+                     token_positions)
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        # Packed models: q, k, v stacked into one layer, rows [q | k | v] (`models.packed.fuse_projections`;
+        # q_proj, k_proj, v_proj then view its rows). None: the three layers compute.
+        self.qkv_proj: nn.Module | None = None
         self.explicit = False  # True: materialise attention weights (see scaled_dot_product_attention)
         name = f"blocks.{layer_index}.attn."
         self.hook_q, self.hook_k, self.hook_v = (HookPoint(name + s) for s in ("hook_q", "hook_k", "hook_v"))
@@ -80,9 +84,10 @@ class Attention(nn.Module):
 
     def forward(self, x, rope: RotaryEmbedding, positions, mask, cache: KVCache | None):
         B, T, _ = x.shape
-        q = self.hook_q(self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2))  # (B, H, T, D)
-        k = self.hook_k(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2))  # (B, H_kv, T, D)
-        v = self.hook_v(self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2))
+        q, k, v = project_qkv(self, x)  # (B, T, H*D), (B, T, H_kv*D), (B, T, H_kv*D)
+        q = self.hook_q(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2))  # (B, H, T, D)
+        k = self.hook_k(k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2))  # (B, H_kv, T, D)
+        v = self.hook_v(v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2))
         q, k = self.hook_rot_q(rope(q, positions)), self.hook_rot_k(rope(k, positions))
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)  # (B, H_kv, S, D)

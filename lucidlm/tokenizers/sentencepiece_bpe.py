@@ -137,7 +137,11 @@ class SentencePieceBPETokenizer:
                                         if kind in matched_whole and self._tokens[i]})
         self._whole_tokens = whole_tokens
         self._byte_ids = [self._token_to_id.get(f"<0x{byte:02X}>") for byte in range(256)]
-        self._token_bytes = [self._spelled_bytes(i) for i in range(len(self._tokens))]
+        # Most pieces are text ("▁" for a space); only "<0x..>" pieces may stand for one byte.
+        self._token_bytes = [piece.replace(SPACE, " ").encode("utf-8") for piece in self._tokens]
+        for i, piece in enumerate(self._tokens):
+            if piece.startswith("<0x"):
+                self._token_bytes[i] = self._spelled_bytes(i)
         self._word_ids = lru_cache(maxsize=_SPAN_CACHE_SIZE)(self._bpe_word_ids)
 
     @classmethod

@@ -1,0 +1,129 @@
+"""Compiling the decode step with torch.compile (opt-in: `load(..., compile=True)`, `--compile`).
+
+A batch-1 decode step of a small model on a CPU is as much overhead as arithmetic: SmolLM2's
+30 blocks run ~600 small PyTorch operations per token (norms, RoPE, dtype conversions around
+each int4 matmul, residual adds), each paying Python and dispatcher costs of a few
+microseconds. torch.compile traces the whole forward pass once into a graph, and Inductor
+fuses the elementwise work into a few generated C++ loops; the matmul kernels stay the same
+(`bench/RESULTS.md` has the measured effect).
+
+What is compiled, and when it is used:
+
+- Only decode steps: one new position per sequence, with a KV cache. Prefill (many positions,
+  one call per prompt) gains little and would add a second graph to compile.
+- Only while nobody observes the model: a hook listener (`lucidlm.introspect`) or an
+  attention layer asked for explicit weights sends the step through the ordinary eager
+  forward, so every introspection tool sees exactly what it sees without compilation.
+- Shapes are dynamic (`dynamic=True`): the growing cache length and the batch size are
+  symbols in one graph, not a recompilation per token.
+
+Compiling costs time once (about a minute for SmolLM2 on 2 cores; Inductor caches the result
+on disk, so a later process takes seconds). If compilation fails (no C++ compiler, an
+unsupported operation), a warning says why and the model stays eager.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+
+import torch
+from torch import nn
+
+from .introspect.hook_point import HookPoint
+
+# Dynamo re-checks, before every call of a compiled graph, the assumptions it traced under
+# ("guards"). On a 30-layer model that is thousands of checks (~0.7 ms per step). Guards of
+# these kinds on the model's own modules check what loading fixed once and nothing changes
+# afterwards (module types, that no nn.Module hooks are registered, parameter shapes), so we
+# drop them. Guards on values the forward pass branches on (layer indices, the flags and
+# listener lists above, sequence lengths) are kept: changing those still recompiles.
+_FIXED_AFTER_LOADING = frozenset({"TYPE_MATCH", "ID_MATCH", "CLOSURE_MATCH", "TENSOR_MATCH",
+                                  "EMPTY_NN_MODULE_HOOKS_DICT", "NOT_PRESENT_IN_GENERIC_DICT",
+                                  "DICT_NOT_CONTAINS"})
+
+
+def _keep_guard(entries) -> list[bool]:
+    return [not (entry.orig_guard.source.is_unspecialized_nn_module() and entry.guard_type in _FIXED_AFTER_LOADING)
+            for entry in entries]
+
+
+class CompiledDecode:
+    """A model's forward that runs decode steps through a compiled graph and all else eagerly.
+
+    Installed as the model's `forward` by `compile_decode`; it takes the same arguments
+    (tokens (B, T), cache, ...) and returns the same logits.
+    """
+
+    def __init__(self, model: nn.Module, progress: bool = True):
+        self.eager = model.forward
+        self.compiled = torch.compile(self.eager, dynamic=True, options={"guard_filter_fn": _keep_guard})
+        self.progress = progress
+        self.state = "not yet compiled"  # -> "compiled" | "failed: <reason>"
+        # Everything that makes an observer: hook points, and attention layers' `explicit` flag.
+        self.hook_points = [value for module in model.modules() for value in vars(module).values()
+                            if isinstance(value, HookPoint)]
+        self.attentions = [module for module in model.modules() if hasattr(module, "explicit")]
+
+    def observed(self) -> bool:
+        return any(point.listeners for point in self.hook_points) or any(a.explicit for a in self.attentions)
+
+    def __call__(self, tokens: torch.Tensor, cache=None, *args, **kwargs) -> torch.Tensor:
+        if (cache is None or tokens.shape[1] != 1 or self.state.startswith("failed")
+                or torch.is_grad_enabled() or self.observed()):
+            return self.eager(tokens, cache, *args, **kwargs)
+        # One position: last_only changes nothing, so it must not make a second graph.
+        kwargs.pop("last_only", None)
+        if self.state == "compiled":
+            return self.compiled(tokens, cache, *args, **kwargs)
+        return self._first_call(tokens, cache, *args, **kwargs)
+
+    def _first_call(self, tokens, cache, *args, **kwargs) -> torch.Tensor:
+        if self.progress:
+            print("compiling the decode step with torch.compile (about a minute the first time; "
+                  "cached on disk afterwards)...", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        length = cache.length
+        try:
+            logits = self.compiled(tokens, cache, *args, **kwargs)
+        except torch._dynamo.exc.TorchDynamoException as error:
+            # Compilation happens before the graph runs, so the cache is untouched; undo the
+            # position count in case the failure came after it was traced, and go eager.
+            cache.length = length
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            self.state = f"failed: {reason}"
+            warnings.warn(f"torch.compile failed, decoding without it: {reason}", RuntimeWarning, stacklevel=3)
+            return self.eager(tokens, cache, *args, **kwargs)
+        self.state = "compiled"
+        if self.progress:
+            print(f"compiled in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+        return logits
+
+
+def warm_up(model: nn.Module, batch_sizes=(1, 2)) -> None:
+    """Compile now rather than at the first real request: a server's first clients should not wait.
+
+    Dynamo specialises the values 0 and 1 of any size (a batch of 1, a cache length of 1), so
+    one step per batch size in `batch_sizes`, after a 2-token prompt, covers single requests and
+    batches of any size (a 1-token prompt still compiles its own first step).
+    """
+    with torch.inference_mode():
+        for batch in batch_sizes:
+            cache = model.new_cache(batch, 8)
+            device = cache.valid.device
+            model(torch.zeros(batch, 2, dtype=torch.long, device=device), cache)  # eager prefill: length 2
+            for _ in range(2):
+                model(torch.zeros(batch, 1, dtype=torch.long, device=device), cache)
+
+
+def compile_decode(model: nn.Module, progress: bool = True) -> CompiledDecode:
+    """Make `model`'s decode steps run through torch.compile (see the module docstring).
+
+    Compilation itself happens at the first decode step. Returns the installed `CompiledDecode`
+    (its `state` says whether compilation succeeded).
+    """
+    if isinstance(model.forward, CompiledDecode):
+        return model.forward
+    model.forward = CompiledDecode(model, progress)
+    return model.forward
