@@ -58,7 +58,7 @@ class CompiledDecode:
 
     def __init__(self, model: nn.Module, progress: bool = True):
         self.eager = model.forward
-        self.compiled = torch.compile(self.eager, dynamic=True, options={"guard_filter_fn": _keep_guard})
+        self.compiled = None  # made at the first decode step: torch.compile imports Inductor (~2.5 s)
         self.progress = progress
         self.state = "not yet compiled"  # -> "compiled" | "failed: <reason>"
         # Everything that makes an observer: hook points, and attention layers' `explicit` flag.
@@ -86,6 +86,7 @@ class CompiledDecode:
         started = time.perf_counter()
         length = cache.length
         try:
+            self.compiled = torch.compile(self.eager, dynamic=True, options={"guard_filter_fn": _keep_guard})
             logits = self.compiled(tokens, cache, *args, **kwargs)
         except torch._dynamo.exc.TorchDynamoException as error:
             # Compilation happens before the graph runs, so the cache is untouched; undo the

@@ -102,6 +102,7 @@ def test_padded_batch_decode_matches_transformers(pairs):
 
 def test_listeners_take_the_eager_path(pairs, monkeypatch):
     hf, ours = pairs[0]
+    decode_logits(ours, PROMPT, CONTINUATION[:1])  # compiled by now, whichever tests ran before
     calls = []
     compiled = ours.forward.compiled
     monkeypatch.setattr(ours.forward, "compiled", lambda *a, **k: calls.append(1) or compiled(*a, **k))

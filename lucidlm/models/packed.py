@@ -211,8 +211,8 @@ class Int8Linear(nn.Module):
         if x2.shape[0] >= DENSE_FROM_ROWS:  # as Int4Linear: the kernel's numbers, dense
             # A slice of output rows at a time: Gemma's LM head decoded whole would be 671 MB.
             x32 = x2.to(torch.bfloat16).float()
-            y = torch.cat([F.linear(x32, self.q[rows].float() * self.scale[rows].float()[:, None]).to(torch.bfloat16)
-                           for rows in (slice(i, i + 16384) for i in range(0, self.out_features, 16384))], dim=-1)
+            y = torch.cat([F.linear(x32, self.weight_rows(i, i + 16384)).to(torch.bfloat16)
+                           for i in range(0, self.out_features, 16384)], dim=-1)
         else:
             y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.q, self.scale)  # (M, N)
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
