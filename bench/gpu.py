@@ -1,19 +1,25 @@
 """LucidLM on a CUDA GPU: correctness against Hugging Face transformers, speed, and a profile.
 
-    PYTHONUNBUFFERED=1 PYTHONPATH=. python bench/gpu.py --out "$OUT"
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python bench/gpu.py --out "$OUT" [--sections decode]
 
 No weights are downloaded: the script builds a random checkpoint shaped like SmolLM2-135M
 (Llama, vocab 49152, d_model 576, d_ff 1536, 30 layers, 9 heads / 3 KV heads, RoPE base 1e5,
 tied embeddings) with transformers itself, saved as bfloat16 safetensors, plus a tiny
-byte-level tokenizer.json so that `lucidlm.load(dir)` also works on it. Then:
+byte-level tokenizer.json so that `lucidlm.load(dir)` also works on it. Then, by section:
 
 1. correctness: logits of LucidLM vs transformers on one random 64-token input, float32 (TF32
    off) and bfloat16, and greedy 32-token continuations;
 2. speed, bfloat16, batch 1: prefill at 128 and 512 tokens, decode of 128 greedy tokens
    (LucidLM's `generate_tokens`, a bare LucidLM loop, transformers' `generate`, a bare
    transformers loop with past_key_values), and the memory-bandwidth bound for decode;
-3. a torch.profiler table of one decode step (LucidLM, and transformers for comparison).
+3. decode (bench/gpu_decode.py): LucidLM eager vs CUDA-graph decode (`compile_decode`, with and
+   without Inductor) vs transformers' `generate` and its compiled static-cache `generate`: speed,
+   first-call (compile + capture) time, correctness against eager, profiles of a graphed step;
+4. profile (bench/gpu_profile.py): a torch.profiler table of one eager decode step (LucidLM, and
+   transformers for comparison);
+5. api: `lucidlm.load(..., device=...)` and `run_benchmark` on the device.
 
+`--sections decode` (comma-separated) runs only the sections named; `--skip` leaves some out.
 Everything printed also lands in OUT/gpu_results.json and OUT/profile_*.txt.
 `--tiny --device cpu` runs the same code on a 2-layer model, to check the script without a GPU.
 """
@@ -32,8 +38,10 @@ from pathlib import Path
 
 import torch
 
-from gpu_common import (RESULTS, compare, first_divergence, free, hf_greedy, hf_model, log, lucid_greedy,
-                        lucid_model, make_checkpoint, median_time, sync, top2_margin, unique_param_bytes)
+from gpu_common import (RESULTS, compare, copy_bandwidth, decode_prompt, first_divergence, free, hf_generate_run,
+                        hf_greedy, hf_model, log, lucid_decode_run, lucid_greedy, lucid_model, make_checkpoint,
+                        median_time, sync, top2_margin, unique_param_bytes)
+from gpu_decode import decode
 from gpu_profile import profile
 
 
@@ -96,37 +104,8 @@ def correctness(directory: Path, device: torch.device, vocab: int) -> None:
 
 # ----- 2. speed -----------------------------------------------------------------------
 
-def copy_bandwidth(device: torch.device) -> float:
-    """Device-to-device copy of a 1 GiB tensor: (bytes read + bytes written) / seconds."""
-    if device.type != "cuda":
-        n = 1 << 26
-        a = torch.empty(n, dtype=torch.uint8)
-        b = torch.empty_like(a)
-        t = median_time(lambda: b.copy_(a), device, 5)
-        return 2 * n / t
-    n = 1 << 30
-    a = torch.empty(n, dtype=torch.uint8, device=device)
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(10):
-        start.record()
-        b.copy_(a)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    del a, b
-    torch.cuda.empty_cache()
-    return 2 * n / statistics.median(times)
-
-
 @torch.inference_mode()
 def speed(directory: Path, device: torch.device, vocab: int, repeats: int, new_tokens: int) -> None:
-    from lucidlm.generate import generate_tokens
-    from lucidlm.sampling import SamplingParams, make_sampler
-
     section = RESULTS.setdefault("speed", {"repeats": repeats, "new_tokens": new_tokens})
     lucid, hf = lucid_model(directory, torch.bfloat16, device), hf_model(directory, torch.bfloat16, device)
     gen = torch.Generator().manual_seed(99)
@@ -144,19 +123,14 @@ def speed(directory: Path, device: torch.device, vocab: int, repeats: int, new_t
         log(f"prefill {n:4d} tokens: LucidLM {n / t_lucid:9.0f} tok/s ({t_lucid * 1e3:.2f} ms), "
             f"transformers {n / t_hf:9.0f} tok/s ({t_hf * 1e3:.2f} ms)")
 
-    prompt = torch.randint(0, vocab, (128,), generator=gen).tolist()
+    prompt = decode_prompt(vocab)
     section["decode_prompt_tokens"] = len(prompt)
     x = torch.tensor([prompt], device=device)
-    decode = section.setdefault("decode_tok_s", {})
+    rates_tok_s = section.setdefault("decode_tok_s", {})
 
     def lucid_generate() -> float:
         """generate_tokens, timed from the first token to the last (as lucidlm.benchmark does)."""
-        steps = generate_tokens(lucid, prompt, make_sampler(SamplingParams()), new_tokens, stop_ids=())
-        next(steps)  # prefill + first token (its id was read with int(): the GPU is synchronised)
-        t0 = time.perf_counter()
-        count = 1 + sum(1 for _ in steps)
-        assert count == new_tokens, count
-        return (count - 1) / (time.perf_counter() - t0)
+        return lucid_decode_run(lucid, prompt, new_tokens)["tok_s"]
 
     def lucid_bare() -> float:
         """The model alone: forward + argmax + int(), no sampler object, no log-softmax per step."""
@@ -170,13 +144,7 @@ def speed(directory: Path, device: torch.device, vocab: int, repeats: int, new_t
         return (new_tokens - 1) / (time.perf_counter() - t0)
 
     def hf_generate(n: int) -> float:
-        sync(device)
-        t0 = time.perf_counter()
-        out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
-                          do_sample=False, pad_token_id=0)
-        sync(device)
-        assert out.shape[1] == len(prompt) + n, out.shape
-        return time.perf_counter() - t0
+        return hf_generate_run(hf, x, n, device)[0]
 
     def hf_bare() -> float:
         out = hf(x, use_cache=True, logits_to_keep=1)
@@ -193,14 +161,14 @@ def speed(directory: Path, device: torch.device, vocab: int, repeats: int, new_t
                      ("hf_bare_loop", hf_bare)):
         fn()  # warm-up
         rates = [fn() for _ in range(repeats)]
-        decode[name] = statistics.median(rates)
-        log(f"decode {name:24s} {decode[name]:8.1f} tok/s  (runs: {', '.join(f'{r:.1f}' for r in rates)})")
+        rates_tok_s[name] = statistics.median(rates)
+        log(f"decode {name:24s} {rates_tok_s[name]:8.1f} tok/s  (runs: {', '.join(f'{r:.1f}' for r in rates)})")
     hf_generate(new_tokens), hf_generate(1)  # warm-up
     full = statistics.median([hf_generate(new_tokens) for _ in range(repeats)])
     one = statistics.median([hf_generate(1) for _ in range(repeats)])
-    decode["hf_generate"] = (new_tokens - 1) / (full - one)
+    rates_tok_s["hf_generate"] = (new_tokens - 1) / (full - one)
     section["hf_generate_seconds"] = {"128_tokens": full, "1_token": one}
-    log(f"decode {'hf_generate':24s} {decode['hf_generate']:8.1f} tok/s  "
+    log(f"decode {'hf_generate':24s} {rates_tok_s['hf_generate']:8.1f} tok/s  "
         f"(generate {new_tokens} tokens {full * 1e3:.1f} ms - 1 token {one * 1e3:.1f} ms)")
 
     # Host cost of one tiny kernel launch (eager PyTorch): the floor under every op of a decode step.
@@ -223,15 +191,15 @@ def speed(directory: Path, device: torch.device, vocab: int, repeats: int, new_t
     bound = bandwidth / weights
     section["bandwidth"] = {"weight_bytes_per_token": weights, "hf_weight_bytes": hf_weights,
                             "copy_bandwidth_GBps": bandwidth / 1e9, "bound_tok_s": bound,
-                            "lucid_generate_pct_of_bound": 100 * decode["lucid_generate_tokens"] / bound,
-                            "lucid_bare_pct_of_bound": 100 * decode["lucid_bare_loop"] / bound}
+                            "lucid_generate_pct_of_bound": 100 * rates_tok_s["lucid_generate_tokens"] / bound,
+                            "lucid_bare_pct_of_bound": 100 * rates_tok_s["lucid_bare_loop"] / bound}
     log(f"weights read per token {weights / 2**20:.1f} MiB (transformers' model: {hf_weights / 2**20:.1f} MiB); "
         f"1 GiB copy bandwidth {bandwidth / 1e9:.0f} GB/s -> bound {bound:.0f} tok/s; LucidLM decode = "
         f"{section['bandwidth']['lucid_generate_pct_of_bound']:.1f} % of it")
     free(lucid, hf)
 
 
-# ----- 4. the public entry points on the GPU ------------------------------------------
+# ----- 5. the public entry points on the GPU ------------------------------------------
 
 def public_api(directory: Path, device: torch.device) -> None:
     """lucidlm.load(dir, dtype="bfloat16", device=...) and lucid bench's run_benchmark on the device."""
@@ -256,6 +224,9 @@ def public_api(directory: Path, device: torch.device) -> None:
     log("lucidlm.benchmark.run_benchmark on the device:\n" + r.table())
 
 
+SECTIONS = ("correctness", "speed", "decode", "profile", "api")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", default="/tmp/ckpt", help="checkpoint directory (created if absent)")
@@ -264,11 +235,16 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--tiny", action="store_true", help="2-layer model: a quick check of this script")
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip: correctness,speed,profile,api")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated sections to run, in this order: {','.join(SECTIONS)} (default: all)")
+    parser.add_argument("--skip", default="", help="comma-separated sections to leave out")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    skip = set(filter(None, args.skip.split(",")))
+    chosen = set(filter(None, args.sections.split(","))) - set(filter(None, args.skip.split(",")))
+    unknown = chosen - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown section(s) {sorted(unknown)}; known: {','.join(SECTIONS)}")
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -320,12 +296,15 @@ def main() -> int:
     vocab = cfg.vocab_size
 
     status = 0
+    RESULTS["sections"] = [name for name in SECTIONS if name in chosen]
     sections = (("correctness", lambda: correctness(directory, device, vocab)),
                 ("speed", lambda: speed(directory, device, vocab, args.repeats, args.new_tokens)),
+                ("decode", lambda: decode(directory, device, vocab, args.repeats, args.new_tokens, out)),
                 ("profile", lambda: profile(directory, device, vocab, out)),
                 ("api", lambda: public_api(directory, device)))
+    assert tuple(name for name, _ in sections) == SECTIONS
     for name, fn in sections:
-        if name in skip:
+        if name not in chosen:
             continue
         log(f"===== {name} =====")
         try:
@@ -337,6 +316,9 @@ def main() -> int:
             traceback.print_exc()
         finally:
             (out / "gpu_results.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+    if RESULTS.get("errors"):  # also the failures a section recorded and went on from
+        status = 1
+        log("errors:", RESULTS["errors"])
     log(f"done; results in {out / 'gpu_results.json'}")
     return status
 

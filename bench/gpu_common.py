@@ -1,5 +1,6 @@
-"""Shared by bench/gpu.py and bench/gpu_profile.py: the results record, timing, the random
-SmolLM2-shaped checkpoint (with a byte-level tokenizer.json) and model builders."""
+"""Shared by bench/gpu.py, bench/gpu_decode.py and bench/gpu_profile.py: the results record,
+timing (decode runs of both engines, copy bandwidth), the random SmolLM2-shaped checkpoint (with a
+byte-level tokenizer.json) and model builders."""
 
 from __future__ import annotations
 
@@ -37,6 +38,71 @@ def median_time(fn, device, repeats: int, warmup: int = 1) -> float:
         sync(device)
         seconds.append(time.perf_counter() - t0)
     return statistics.median(seconds)
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Device-to-device copy of a 1 GiB tensor (64 MiB on a CPU): (bytes read + written) / seconds."""
+    if device.type != "cuda":
+        n = 1 << 26
+        src = torch.empty(n, dtype=torch.uint8)
+        dst = torch.empty_like(src)
+        return 2 * n / median_time(lambda: dst.copy_(src), device, 5)
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(10):
+        start.record()
+        b.copy_(a)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n / statistics.median(times)
+
+
+def decode_prompt(vocab: int, length: int = 128) -> list[int]:
+    """The prompt every decode measurement uses: `length` random ids (seed 99)."""
+    return torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(99)).tolist()
+
+
+def lucid_decode_run(model, prompt: list[int], n: int) -> dict:
+    """One `generate_tokens` call (greedy, no stop ids), with a timestamp per token.
+
+    Each step's id was read with int(), so the GPU is synchronised when a step is yielded.
+    tok_s counts from the first token to the last (prefill and first token excluded, as
+    lucidlm.benchmark does); call_s is the whole call, prefill included; gaps are the times
+    between consecutive tokens (gap 0 is the cache's first decode step).
+    """
+    from lucidlm.generate import generate_tokens
+    from lucidlm.sampling import SamplingParams, make_sampler
+
+    started = time.perf_counter()
+    stamps, ids = [], []
+    for step in generate_tokens(model, prompt, make_sampler(SamplingParams()), n, stop_ids=()):
+        stamps.append(time.perf_counter())
+        ids.append(step.token_id)
+    assert len(ids) == n, len(ids)
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return {"tok_s": (n - 1) / (stamps[-1] - stamps[0]), "call_s": stamps[-1] - started,
+            "ttft_s": stamps[0] - started, "first_gap_ms": gaps[0] * 1e3 if gaps else None,
+            "median_gap_ms": statistics.median(gaps) * 1e3 if gaps else None, "ids": ids}
+
+
+def hf_generate_run(model, x: torch.Tensor, n: int, device: torch.device, **kwargs) -> tuple[float, list[int]]:
+    """Wall seconds of one transformers `generate` of exactly n greedy tokens, and the new ids."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False, pad_token_id=0, **kwargs)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    assert out.shape[1] == x.shape[1] + n, out.shape
+    return seconds, out[0, x.shape[1]:].tolist()
 
 
 # ----- the checkpoint -----------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""bench/gpu.py, section 3: a torch.profiler table of one decode step (LucidLM, and transformers
-for comparison), written to OUT/profile_*.txt."""
+"""bench/gpu.py, section 4: a torch.profiler table of one decode step (LucidLM, and transformers
+for comparison), written to OUT/profile_*.txt. `profile_step` also profiles the graphed decode
+steps of section 3 (bench/gpu_decode.py)."""
 
 from __future__ import annotations
 
@@ -9,48 +10,56 @@ import torch
 
 from gpu_common import RESULTS, free, hf_model, log, lucid_model, median_time, sync
 
-# ----- 3. profile ---------------------------------------------------------------------
+# ----- 4. profile ---------------------------------------------------------------------
+
+def profile_step(name: str, step, device: torch.device, out: Path, section: dict, warmup: int = 5,
+                 wall_repeats: int = 20) -> dict:
+    """Profile one call of `step` (after `warmup` calls), write its tables to OUT/profile_<name>_*.txt
+    and its trace to OUT/trace_<name>.json, then time `wall_repeats` unprofiled calls.
+    `step` is called warmup + 1 + 2 + wall_repeats times in all."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for _ in range(warmup):
+        step()  # warm-up (allocator, cuBLAS handles, rope tables; a graph's capture)
+    sync(device)
+    with torch_profile(activities=activities) as prof:
+        step()
+        sync(device)
+    averages = prof.key_averages()
+    try:
+        by_device = averages.table(sort_by="self_device_time_total", row_limit=15)
+    except Exception:  # older naming
+        by_device = averages.table(sort_by="self_cuda_time_total", row_limit=15)
+    by_cpu = averages.table(sort_by="self_cpu_time_total", row_limit=15)
+    (out / f"profile_{name}_by_device_time.txt").write_text(by_device)
+    (out / f"profile_{name}_by_cpu_time.txt").write_text(by_cpu)
+    try:
+        prof.export_chrome_trace(str(out / f"trace_{name}.json"))
+    except Exception as e:
+        log("chrome trace not written:", e)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_busy_us = sum(e.device_time for e in kernels) if kernels else 0.0
+    wall = median_time(step, device, wall_repeats, warmup=2)
+    cpu_ops = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
+    entry = {"kernels_per_step": len(kernels), "gpu_kernel_time_us": gpu_busy_us, "wall_ms_per_step": wall * 1e3,
+             "cpu_ops_recorded": len(cpu_ops),
+             "gpu_busy_pct_of_wall": 100 * gpu_busy_us / 1e3 / (wall * 1e3) if wall else None}
+    section[name] = entry
+    log(f"profile {name}: {len(kernels)} kernels, GPU kernel time {gpu_busy_us:.0f} us, wall {wall * 1e3:.2f} ms "
+        f"per step (unprofiled median of {wall_repeats}) -> GPU busy {entry['gpu_busy_pct_of_wall'] or 0:.0f} % of the step")
+    print(f"\n--- {name}: top 15 by self device time ---\n{by_device}\n--- {name}: top 15 by self CPU time ---\n{by_cpu}",
+          flush=True)
+    return entry
+
 
 @torch.inference_mode()
 def profile(directory: Path, device: torch.device, vocab: int, out: Path) -> None:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-
     section = RESULTS.setdefault("profile", {})
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     prompt = torch.randint(0, vocab, (1, 128), generator=torch.Generator().manual_seed(7)).to(device)
-    device_key = "self_device_time_total"
 
     def run(name: str, step) -> None:
-        for _ in range(5):
-            step()  # warm-up (allocator, cuBLAS handles, rope tables)
-        sync(device)
-        with torch_profile(activities=activities) as prof:
-            step()
-            sync(device)
-        averages = prof.key_averages()
-        try:
-            by_device = averages.table(sort_by=device_key, row_limit=15)
-        except Exception:  # older naming
-            by_device = averages.table(sort_by="self_cuda_time_total", row_limit=15)
-        by_cpu = averages.table(sort_by="self_cpu_time_total", row_limit=15)
-        (out / f"profile_{name}_by_device_time.txt").write_text(by_device)
-        (out / f"profile_{name}_by_cpu_time.txt").write_text(by_cpu)
-        try:
-            prof.export_chrome_trace(str(out / f"trace_{name}.json"))
-        except Exception as e:
-            log("chrome trace not written:", e)
-        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        gpu_busy_us = sum(e.device_time for e in kernels) if kernels else 0.0
-        wall = median_time(step, device, 20, warmup=2)
-        cpu_ops = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
-        entry = {"kernels_per_step": len(kernels), "gpu_kernel_time_us": gpu_busy_us, "wall_ms_per_step": wall * 1e3,
-                 "cpu_ops_recorded": len(cpu_ops),
-                 "gpu_busy_pct_of_wall": 100 * gpu_busy_us / 1e3 / (wall * 1e3) if wall else None}
-        section[name] = entry
-        log(f"profile {name}: {len(kernels)} kernels, GPU kernel time {gpu_busy_us:.0f} us, wall {wall * 1e3:.2f} ms "
-            f"per step (unprofiled median of 20) -> GPU busy {entry['gpu_busy_pct_of_wall'] or 0:.0f} % of the step")
-        print(f"\n--- {name}: top 15 by self device time ---\n{by_device}\n--- {name}: top 15 by self CPU time ---\n{by_cpu}",
-              flush=True)
+        profile_step(name, step, device, out, section)
 
     lucid = lucid_model(directory, torch.bfloat16, device)
     cache = lucid.new_cache(1, 128 + 64)

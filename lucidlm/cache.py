@@ -13,6 +13,14 @@ filled from position 0 up to `length`. `valid` (B, S_max) marks which stored pos
 real tokens, so that left-padded batches of different-length prompts can share one cache:
 padding positions are stored but never attended to. Preallocating (instead of growing by
 `torch.cat` every step) keeps decode free of reallocation and copying.
+
+Two ways to address the stored positions. Ordinarily a pass writes into slots
+[length, length + T) by slicing with the host integer `length`, and attention reads the
+`length + T` slots in use: tensor shapes grow by one position per step. A *static* cache
+(`make_static`) keeps the write position also on the device (`slot`, a 0-dim tensor),
+writes with `index_copy_` at it and lets attention read all `max_positions` slots, the
+unwritten ones masked out. Then every decode step has the same shapes and the same tensor
+addresses, which is what a CUDA graph needs to replay it (`lucidlm.cuda_graphs`).
 """
 
 from __future__ import annotations
@@ -31,38 +39,74 @@ class KVCache:
         self.valid = torch.zeros(batch, max_positions, dtype=torch.bool, device=device)
         self.max_positions = max_positions
         self.length = 0  # positions filled so far (same for every sequence in the batch)
+        self.slot: torch.Tensor | None = None  # static caches: `length` on the device (0-dim long)
+        self._slots: torch.Tensor | None = None  # (T,) slots of the pass in progress
+        self.decode_graph = None  # a CUDA graph replaying decode steps on this cache (`lucidlm.cuda_graphs`)
 
     @property
     def batch_size(self) -> int:
         return self.valid.shape[0]
 
-    def append_mask(self, new_valid: torch.Tensor) -> None:
-        """Record which of the T positions about to be written are real tokens. new_valid: (B, T) bool.
+    @property
+    def static(self) -> bool:
+        return self.slot is not None
 
-        Called once per forward pass, before the layers write their keys and values; the
-        pass then advances `length` with `advance`.
+    def make_static(self) -> None:
+        """From now on, write at the device-side `slot` and expose every slot (see the module docstring)."""
+        if self.slot is None:
+            self.slot = torch.tensor(self.length, device=self.valid.device)
+
+    def begin(self, new_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Start a pass of T new positions. new_valid: (B, T) bool, False for padding.
+
+        Records which new positions are real and returns (keys_valid (B, S), query_slots (T,)):
+        the validity of every key slot the pass attends over, and the slot each new position
+        is written to. The layers then `update` with their keys and values, and the pass ends
+        with `advance(T)`.
         """
         T = new_valid.shape[1]
         if self.length + T > self.max_positions:
             raise ValueError(f"KV cache holds {self.max_positions} positions; {self.length} used, {T} more requested")
-        self.valid[:, self.length : self.length + T] = new_valid
+        if self.slot is None:
+            self._slots = torch.arange(self.length, self.length + T, device=self.valid.device)
+            self.valid[:, self.length : self.length + T] = new_valid
+            return self.valid[:, : self.length + T], self._slots
+        self._slots = self.slot + torch.arange(T, device=self.valid.device)  # (T,), computed on the device
+        self.valid.index_copy_(1, self._slots, new_valid)
+        return self.valid, self._slots
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new k, v (B, H_kv, T, D) at positions [length, length+T) and return all keys
-        and values so far, (B, H_kv, length+T, D), as views into the cache."""
-        end = self.length + k.shape[2]
-        self.keys[layer][:, :, self.length : end] = k
-        self.values[layer][:, :, self.length : end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        """Store the new k, v (B, H_kv, T, D) in this pass's slots and return the keys and values
+        to attend over, (B, H_kv, S, D), as views into the cache: S = length + T slots in use, or
+        all `max_positions` for a static cache."""
+        if self.slot is None:
+            end = self.length + k.shape[2]
+            self.keys[layer][:, :, self.length : end] = k
+            self.values[layer][:, :, self.length : end] = v
+            return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        self.keys[layer].index_copy_(2, self._slots, k)
+        self.values[layer].index_copy_(2, self._slots, v)
+        return self.keys[layer], self.values[layer]
 
     def advance(self, n: int) -> None:
         self.length += n
+        if self.slot is not None:
+            self.slot += n  # on the device: a replayed CUDA graph advances it too (the host count is its owner's job)
 
     def reorder(self, batch_indices: torch.Tensor) -> None:
-        """Keep only / duplicate / permute batch rows (beam search, sequences leaving a batch)."""
+        """Keep only / duplicate / permute batch rows (beam search, sequences leaving a batch).
+
+        A static cache whose batch size stays the same is permuted in place, so that a CUDA
+        graph captured on its tensors stays valid; otherwise the tensors are new ones.
+        """
+        if self.slot is not None and batch_indices.shape[0] == self.batch_size:
+            for t in self.keys + self.values + [self.valid]:
+                t.copy_(t[batch_indices])
+            return
         self.keys = [k[batch_indices] for k in self.keys]
         self.values = [v[batch_indices] for v in self.values]
         self.valid = self.valid[batch_indices]
+        self.decode_graph = None  # captured on the old tensors
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)

@@ -14,8 +14,8 @@ def add_model_args(p: argparse.ArgumentParser, default: str | None = None, help:
                         "on CPU), float32 = exact reference arithmetic, bfloat16 (default on GPU)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto (a GPU if PyTorch sees one)")
     p.add_argument("--compile", action="store_true",
-                   help="run decode steps through torch.compile: faster tokens after a one-off compilation "
-                        "(about a minute the first time, cached on disk)")
+                   help="run decode steps through torch.compile (and on a GPU replay them from CUDA graphs): "
+                        "faster tokens after a one-off compilation (about a minute the first time, cached on disk)")
 
 
 def load_model(args, name: str | None = None, compile: bool | None = None):

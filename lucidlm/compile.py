@@ -20,6 +20,10 @@ What is compiled, and when it is used:
 Compiling costs time once (about a minute for SmolLM2 on 2 cores; Inductor caches the result
 on disk, so a later process takes seconds). If compilation fails (no C++ compiler, an
 unsupported operation), a warning says why and the model stays eager.
+
+On a CUDA GPU the decode steps are, in addition, replayed from CUDA graphs
+(`lucidlm.cuda_graphs`): there the cost of a step is mostly launching its kernels one by one.
+`inductor=False` keeps the graphs and skips torch.compile (no compile time; unfused kernels).
 """
 
 from __future__ import annotations
@@ -31,7 +35,10 @@ import warnings
 import torch
 from torch import nn
 
+from .cuda_graphs import GraphedDecode
 from .introspect.hook_point import HookPoint
+from .models.layers import model_device
+from .models.packed import fuse_projections
 
 # Dynamo re-checks, before every call of a compiled graph, the assumptions it traced under
 # ("guards"). On a 30-layer model that is thousands of checks (~0.7 ms per step). Guards of
@@ -56,28 +63,46 @@ class CompiledDecode:
     (tokens (B, T), cache, ...) and returns the same logits.
     """
 
-    def __init__(self, model: nn.Module, progress: bool = True):
+    def __init__(self, model: nn.Module, progress: bool = True, inductor: bool = True):
         self.eager = model.forward
         self.compiled = None  # made at the first decode step: torch.compile imports Inductor (~2.5 s)
         self.progress = progress
-        self.state = "not yet compiled"  # -> "compiled" | "failed: <reason>"
-        # Everything that makes an observer: hook points, and attention layers' `explicit` flag.
-        self.hook_points = [value for module in model.modules() for value in vars(module).values()
+        self.state = "not yet compiled" if inductor else "not compiled (inductor=False)"
+        # -> "compiled" | "failed: <reason>"
+        self.graphs = GraphedDecode() if model_device(model).type == "cuda" else None
+        # Everything that makes an observer: hook points' listener lists, PyTorch's own module
+        # hooks (contrastive search reads the final norm's output with one), global hooks, and
+        # attention layers' `explicit` flag. The lists and dicts are filled and emptied in
+        # place, so one flat list of them is checked per step (~1,100 for SmolLM2: ~15 µs).
+        modules = list(model.modules())
+        self.hook_points = [value for module in modules for value in vars(module).values()
                             if isinstance(value, HookPoint)]
-        self.attentions = [module for module in model.modules() if hasattr(module, "explicit")]
+        self.watched = ([point.listeners for point in self.hook_points]
+                        + [m._forward_hooks for m in modules] + [m._forward_pre_hooks for m in modules]
+                        + [nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks])
+        self.attentions = [module for module in modules if hasattr(module, "explicit")]
 
     def observed(self) -> bool:
-        return any(point.listeners for point in self.hook_points) or any(a.explicit for a in self.attentions)
+        """Would anyone see inside this step? Then it must run eagerly: a compiled graph or a
+        CUDA graph replay runs no Python, so listeners and hooks would silently not be called."""
+        return any(self.watched) or any(a.explicit for a in self.attentions)
 
     def __call__(self, tokens: torch.Tensor, cache=None, *args, **kwargs) -> torch.Tensor:
-        if (cache is None or tokens.shape[1] != 1 or self.state.startswith("failed")
-                or torch.is_grad_enabled() or self.observed()):
+        if cache is None or tokens.shape[1] != 1 or torch.is_grad_enabled() or self.observed():
             return self.eager(tokens, cache, *args, **kwargs)
         # One position: last_only changes nothing, so it must not make a second graph.
         kwargs.pop("last_only", None)
+        if self.graphs is not None and not args and not kwargs:  # (a `valid` mask: padding added mid-way, rare)
+            return self.graphs(self.step, tokens, cache)
+        return self.step(tokens, cache, *args, **kwargs)
+
+    def step(self, tokens, cache, *args, **kwargs) -> torch.Tensor:
+        """One decode step: through the compiled graph (compiling it the first time) or eagerly."""
         if self.state == "compiled":
             return self.compiled(tokens, cache, *args, **kwargs)
-        return self._first_call(tokens, cache, *args, **kwargs)
+        if self.state == "not yet compiled":
+            return self._first_call(tokens, cache, *args, **kwargs)
+        return self.eager(tokens, cache, *args, **kwargs)
 
     def _first_call(self, tokens, cache, *args, **kwargs) -> torch.Tensor:
         if self.progress:
@@ -118,13 +143,17 @@ def warm_up(model: nn.Module, batch_sizes=(1, 2)) -> None:
                 model(torch.zeros(batch, 1, dtype=torch.long, device=device), cache)
 
 
-def compile_decode(model: nn.Module, progress: bool = True) -> CompiledDecode:
-    """Make `model`'s decode steps run through torch.compile (see the module docstring).
+def compile_decode(model: nn.Module, progress: bool = True, inductor: bool = True) -> CompiledDecode:
+    """Make `model`'s decode steps run through torch.compile, and on a GPU through CUDA graphs
+    (see the module docstring); `inductor=False`: CUDA graphs only. On a GPU this also stacks
+    the q/k/v and gate/up weights (`packed.fuse_projections`; the old names stay, as views).
 
     Compilation itself happens at the first decode step. Returns the installed `CompiledDecode`
     (its `state` says whether compilation succeeded).
     """
     if isinstance(model.forward, CompiledDecode):
         return model.forward
-    model.forward = CompiledDecode(model, progress)
+    if model_device(model).type == "cuda":
+        fuse_projections(model, dense=True)  # fewer, larger matmul kernels (packed CPU models are stacked at load)
+    model.forward = CompiledDecode(model, progress, inductor)
     return model.forward

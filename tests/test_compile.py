@@ -19,27 +19,11 @@ import torch
 from lucidlm.compile import CompiledDecode, compile_decode
 from lucidlm.errors import InvalidArgumentError
 from lucidlm.introspect import hooks_attached
-from tiny_llama import TINY, tiny_llama_pair
+from tiny_llama import TINY, decode_logits, hf_logits, tiny_llama_pair
 
 pytestmark = pytest.mark.slow
 
 ATOL = 1e-4
-
-
-def hf_logits(hf, ids: list[int]) -> torch.Tensor:
-    """HF's logits at every position of `ids`, (T, V): the reference for each decode step."""
-    with torch.inference_mode():
-        return hf(torch.tensor([ids])).logits[0].float()
-
-
-def decode_logits(model, prompt: list[int], continuation: list[int]) -> torch.Tensor:
-    """Our logits after the prompt and after each token of `continuation`, fed one at a time. (len+1, V)"""
-    with torch.inference_mode():
-        cache = model.new_cache(1, len(prompt) + len(continuation) + 1)
-        out = [model(torch.tensor([prompt]), cache, last_only=True)[0, -1]]
-        for token in continuation:
-            out.append(model(torch.tensor([[token]]), cache)[0, -1])
-    return torch.stack(out)
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +105,22 @@ def test_listeners_take_the_eager_path(pairs, monkeypatch):
     torch.testing.assert_close(seen["blocks.1.hook_resid_post"][0, -1], hf_out.hidden_states[2][0, -1],
                                atol=ATOL, rtol=0)
     torch.testing.assert_close(logits, hf_out.logits[0, -1].float(), atol=ATOL, rtol=0)
+
+
+def test_module_hooks_take_the_eager_path(pairs):
+    # Contrastive search reads the final norm's output through a PyTorch forward hook; a
+    # compiled graph would skip the hook and leave stale hidden states behind.
+    from test_search import brute_force_contrastive
+
+    from lucidlm.search import contrastive_search_tokens
+
+    hf, ours = pairs[0]
+    with torch.inference_mode():  # compile the steps of a 4-row batch (contrastive search's shape) hook-free
+        cache = ours.new_cache(4, 8)
+        ours(torch.tensor([[1, 2]] * 4), cache)
+        ours(torch.tensor([[3]] * 4), cache)
+    actual = [s.token_id for s in contrastive_search_tokens(ours, PROMPT, 6, 0.6, 4)]
+    assert actual == brute_force_contrastive(hf, PROMPT, 6, 0.6, 4)
 
 
 def test_compile_decode_is_idempotent(pairs):

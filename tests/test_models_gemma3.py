@@ -69,3 +69,17 @@ def test_base_model_stops_on_end_of_turn(lucid_gemma):
     end_of_turn = lucid_gemma.tokenizer.piece_to_id("<end_of_turn>")
     assert end_of_turn is not None and end_of_turn in lucid_gemma.stop_ids
     assert lucid_gemma.tokenizer.eos_id in lucid_gemma.stop_ids
+
+
+def test_static_cache_decode_past_the_window_matches_reference(lucid_gemma, gemma_reference):
+    # The static KV cache CUDA graphs replay (`KVCache.make_static`: every slot attended, the
+    # unwritten ones and those beyond the 512 window masked): teacher-forced steps across the
+    # window boundary give the reference's logits at those positions.
+    ids, expected = gemma_reference["long_passage"]
+    model = lucid_gemma.model
+    with torch.inference_mode():
+        cache = model.new_cache(1, 520)
+        cache.make_static()
+        model(torch.tensor([ids[:508]]), cache)
+        steps = [model(torch.tensor([[t]]), cache)[0, -1] for t in ids[508:514]]
+    torch.testing.assert_close(torch.stack(steps), expected[508:514], atol=LOGIT_ATOL, rtol=0)

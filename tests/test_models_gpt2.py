@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from lucidlm.models.gpt2 import GPT2
-from tiny_hf import (assert_cached_equals_uncached, assert_greedy_matches_reference, assert_hooks_see_every_block,
-                     assert_matches_reference, assert_padded_batch_equals_alone, load_ours, random_tokens, save_tiny)
+from tiny_hf import (assert_cached_equals_uncached, assert_cuda_graph_decode_matches_reference,
+                     assert_greedy_matches_reference, assert_hooks_see_every_block, assert_matches_reference,
+                     assert_padded_batch_equals_alone, load_ours, random_tokens, save_tiny)
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +55,8 @@ def test_greedy_generation_matches_reference(pair):
 def test_hook_points_and_logit_lens(pair):
     _, ours = pair
     assert_hooks_see_every_block(ours, random_tokens(2, 9))
+
+
+def test_cuda_graph_decode_matches_reference(pair):
+    hf, ours = pair
+    assert_cuda_graph_decode_matches_reference(ours, hf, random_tokens(2, 16), prefill=5)

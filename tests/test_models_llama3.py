@@ -6,8 +6,8 @@ import torch
 
 from lucidlm.models.layers import FrequencyRotaryEmbedding, llama3_scaled_inv_freq, rope_inv_freq
 from lucidlm.models.llama import Llama
-from tiny_hf import (assert_cached_equals_uncached, assert_greedy_matches_reference, assert_matches_reference,
-                     load_ours, random_tokens, save_tiny)
+from tiny_hf import (assert_cached_equals_uncached, assert_cuda_graph_decode_matches_reference,
+                     assert_greedy_matches_reference, assert_matches_reference, load_ours, random_tokens, save_tiny)
 
 LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
               original_max_position_embeddings=8192, rope_theta=500000.0)
@@ -84,3 +84,8 @@ def test_frequency_rotary_embedding_builds_on_the_meta_device():
         rope = FrequencyRotaryEmbedding(llama3_scaled_inv_freq(rope_inv_freq(64, 5e5), 8.0, 1.0, 4.0, 8192), 16)
     cos, sin = rope.tables(torch.device("cpu"))
     assert cos.shape == sin.shape == (16, 64) and not cos.is_meta
+
+
+def test_cuda_graph_decode_matches_reference(pair):
+    hf, ours = pair
+    assert_cuda_graph_decode_matches_reference(ours, hf, random_tokens(2, 16), prefill=5)

@@ -4,9 +4,10 @@ with a sliding window of 4 and prompts longer than it."""
 import pytest
 
 from lucidlm.models.llama import Llama
-from tiny_hf import (assert_cached_equals_uncached, assert_greedy_matches_reference, assert_hooks_see_every_block,
-                     assert_matches_reference, assert_padded_batch_equals_alone, assert_reference_applies_window,
-                     load_ours, random_tokens, save_tiny)
+from tiny_hf import (assert_cached_equals_uncached, assert_cuda_graph_decode_matches_reference,
+                     assert_greedy_matches_reference, assert_hooks_see_every_block, assert_matches_reference,
+                     assert_padded_batch_equals_alone, assert_reference_applies_window, load_ours, random_tokens,
+                     save_tiny)
 
 WINDOW = 4
 
@@ -53,3 +54,8 @@ def test_greedy_generation_matches_reference(pair):
 def test_hook_points_and_logit_lens(pair):
     _, ours = pair
     assert_hooks_see_every_block(ours, random_tokens(2, 9))
+
+
+def test_cuda_graph_decode_matches_reference(pair):
+    hf, ours = pair
+    assert_cuda_graph_decode_matches_reference(ours, hf, random_tokens(2, 16), prefill=5)

@@ -7,9 +7,10 @@ import torch
 from lucidlm.introspect import run_with_cache, run_with_hooks
 from lucidlm.models.mixtral import Mixtral
 from lucidlm.models.moe import route_top_k
-from tiny_hf import (assert_cached_equals_uncached, assert_greedy_matches_reference, assert_hooks_see_every_block,
-                     assert_matches_reference, assert_padded_batch_equals_alone, assert_reference_applies_window,
-                     load_ours, random_tokens, save_tiny)
+from tiny_hf import (assert_cached_equals_uncached, assert_cuda_graph_decode_matches_reference,
+                     assert_greedy_matches_reference, assert_hooks_see_every_block, assert_matches_reference,
+                     assert_padded_batch_equals_alone, assert_reference_applies_window, load_ours, random_tokens,
+                     save_tiny)
 
 WINDOW = 6
 
@@ -96,3 +97,8 @@ def test_router_hooks_capture_and_steer_routing(pair):
 
     run_with_hooks(ours, tokens, {names[0]: force_last_two})
     assert moe.last_expert_indices.flatten(0, 1).tolist() == [[6, 7]] * 12
+
+
+def test_cuda_graph_decode_matches_reference(pair):
+    hf, ours = pair
+    assert_cuda_graph_decode_matches_reference(ours, hf, random_tokens(2, 16), prefill=5)

@@ -233,3 +233,41 @@ def test_gemma_fused_logits_equal_unfused(gemma_path):
     d_fused, d_unfused = describe(fused), describe(unfused)
     assert d_fused["parameters"] == d_unfused["parameters"]
     assert d_fused["tensor_types"] == d_unfused["tensor_types"]
+
+
+# ----- dense layers (`dense=True`: what compile_decode does on a GPU) -----
+
+def test_dense_fusion_matches_transformers():
+    # A float32 tiny Llama: fused, its prefill and cached decode still give HF's logits (one
+    # matmul over stacked rows sums in the same order per output; observed max |Δ| ~1e-6).
+    from tiny_llama import tiny_llama_pair
+
+    hf, ours = tiny_llama_pair(3)
+    q_weight = ours.layers[0].self_attn.q_proj.weight.detach().clone()
+    n_params = sum(p.numel() for p in ours.parameters())
+    assert fuse_projections(ours, dense=True) == 2 * ours.config.n_layers
+    attn, mlp = ours.layers[0].self_attn, ours.layers[0].mlp
+    assert isinstance(attn.q_proj, RowSlice) and isinstance(attn.qkv_proj, torch.nn.Linear)
+    assert isinstance(mlp.gate_proj, RowSlice) and isinstance(mlp.gate_up_proj, torch.nn.Linear)
+    assert torch.equal(attn.q_proj.weight, q_weight)  # the old name is a view of the fused rows
+    assert sum(p.numel() for p in ours.parameters()) == n_params  # stacked, nothing duplicated
+    ids = [5, 17, 33, 2, 90, 41, 7, 60]
+    with torch.inference_mode():
+        expected = hf(torch.tensor([ids])).logits[0]
+        cache = ours.new_cache(1, len(ids))
+        steps = [ours(torch.tensor([ids[:5]]), cache)[0]] + [ours(torch.tensor([[t]]), cache)[0] for t in ids[5:]]
+    torch.testing.assert_close(torch.cat(steps), expected, atol=1e-4, rtol=0)
+
+
+def test_dense_fusion_keeps_biases():
+    # Qwen2-style q/k/v biases: the fused layer's output is the three layers' side by side.
+    from lucidlm.models.llama import Attention, LlamaConfig
+
+    torch.manual_seed(0)
+    attn = Attention(LlamaConfig(vocab_size=8, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=8,
+                                 context_length=8, attention_bias=True), 0)
+    x = torch.randn(2, 3, 32)
+    expected = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
+    fuse_projections(attn, dense=True)
+    torch.testing.assert_close(attn.qkv_proj(x), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(attn.k_proj.bias, attn.qkv_proj.bias[32:48])

@@ -71,31 +71,71 @@ def assert_matches_reference(ours, hf_model, tokens: torch.Tensor, atol: float =
 
 
 def assert_cached_equals_uncached(ours, tokens: torch.Tensor, prefill: int) -> None:
-    """Prefill `prefill` positions into a cache, then decode the rest one token at a time."""
+    """Prefill `prefill` positions into a cache, then decode the rest one token at a time; also
+    with the cache made static (`KVCache.make_static`: fixed shapes, the write position on the
+    device, as CUDA graphs replay it) after the prefill, and static from the start."""
     B, T = tokens.shape
     with torch.inference_mode():
         full = ours(tokens)
-        cache = ours.new_cache(B, T)
-        steps = [ours(tokens[:, :prefill], cache)]
-        steps += [ours(tokens[:, t : t + 1], cache) for t in range(prefill, T)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=LOGIT_ATOL, rtol=0)
+        for static in (None, "after prefill", "from the start"):
+            cache = ours.new_cache(B, T + 3)  # spare slots: a static cache attends over them, masked
+            if static == "from the start":
+                cache.make_static()
+            steps = [ours(tokens[:, :prefill], cache)]
+            if static == "after prefill":
+                cache.make_static()
+            steps += [ours(tokens[:, t : t + 1], cache) for t in range(prefill, T)]
+            torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=LOGIT_ATOL, rtol=0, msg=lambda m: f"{static}: {m}")
+            assert cache.length == T and (static is None or int(cache.slot) == T)
 
 
 def assert_padded_batch_equals_alone(ours, tokens: torch.Tensor, lengths: list[int]) -> None:
-    """Left-padded rows of different lengths, prefilled together then decoded one step."""
+    """Left-padded rows of different lengths, prefilled together then decoded two steps (the
+    second on the cache made static), each row equal to the row run alone."""
     T = max(lengths)
     rows = [tokens[b, :n].tolist() for b, n in enumerate(lengths)]
     batch = torch.tensor([[0] * (T - len(r)) + r for r in rows])
     valid = torch.tensor([[False] * (T - len(r)) + [True] * len(r) for r in rows])
-    step = tokens[: len(rows), -1:]
+    step, step2 = tokens[: len(rows), -1:], tokens[: len(rows), :1]
     with torch.inference_mode():
-        cache = ours.new_cache(len(rows), T + 1)
+        cache = ours.new_cache(len(rows), T + 4)
         batch_prefill, batch_step = ours(batch, cache, valid), ours(step, cache)
+        cache.make_static()
+        batch_step2 = ours(step2, cache)
         for b, r in enumerate(rows):
-            alone_cache = ours.new_cache(1, len(r) + 1)
+            alone_cache = ours.new_cache(1, len(r) + 2)
             alone_prefill, alone_step = ours(torch.tensor([r]), alone_cache), ours(step[b : b + 1], alone_cache)
+            alone_step2 = ours(step2[b : b + 1], alone_cache)
             torch.testing.assert_close(batch_prefill[b, T - len(r):], alone_prefill[0], atol=LOGIT_ATOL, rtol=0)
             torch.testing.assert_close(batch_step[b], alone_step[0], atol=LOGIT_ATOL, rtol=0)
+            torch.testing.assert_close(batch_step2[b], alone_step2[0], atol=LOGIT_ATOL, rtol=0)
+
+
+def assert_cuda_graph_decode_matches_reference(ours, hf_model, tokens: torch.Tensor, prefill: int) -> None:
+    """On a GPU, decode steps replayed from CUDA graphs (`compile_decode(..., inductor=False)`, on
+    a copy of `ours`) give transformers' logits (computed on the CPU) at every position.
+    Families whose step cannot be captured (Mixtral's routing reads expert ids on the host)
+    must say so with a warning and still decode correctly. Skipped without CUDA."""
+    import copy
+    import warnings
+
+    import pytest
+
+    from lucidlm.compile import compile_decode
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    model = copy.deepcopy(ours).cuda()
+    runner = compile_decode(model, progress=False, inductor=False)
+    B, T = tokens.shape
+    with torch.inference_mode(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cache = model.new_cache(B, T)
+        x = tokens.cuda()
+        steps = [model(x[:, :prefill], cache)] + [model(x[:, t : t + 1], cache) for t in range(prefill, T)]
+    torch.testing.assert_close(torch.cat(steps, dim=1).cpu(), reference_logits(hf_model, tokens), atol=LOGIT_ATOL, rtol=0)
+    failed = [w for w in caught if "CUDA graph capture failed" in str(w.message)]
+    assert bool(failed) == bool(runner.graphs.failed)
 
 
 def assert_greedy_matches_reference(ours, hf_model, prompt: list[int], n: int = 8) -> None:

@@ -42,3 +42,20 @@ def tiny_llama_pair(seed: int = 0):
     state = {name.removeprefix("model."): p.detach().clone() for name, p in hf.state_dict().items()}
     ours.load_state_dict(state, strict=True)
     return hf, ours
+
+
+def hf_logits(hf, ids: list[int]) -> torch.Tensor:
+    """HF's logits at every position of `ids`, (T, V), on the CPU: the reference for each decode step."""
+    with torch.inference_mode():
+        return hf(torch.tensor([ids])).logits[0].float()
+
+
+def decode_logits(model, prompt: list[int], continuation: list[int], device: str = "cpu") -> torch.Tensor:
+    """Our logits after the prompt and after each token of `continuation`, fed one at a time,
+    (len + 1, V) on the CPU."""
+    with torch.inference_mode():
+        cache = model.new_cache(1, len(prompt) + len(continuation) + 1)
+        out = [model(torch.tensor([prompt], device=device), cache, last_only=True)[0, -1]]
+        for token in continuation:
+            out.append(model(torch.tensor([[token]], device=device), cache)[0, -1])
+    return torch.stack(out).cpu()

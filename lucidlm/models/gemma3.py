@@ -27,8 +27,8 @@ from torch import nn
 
 from ..cache import KVCache
 from ..introspect.hook_point import HookPoint
-from .layers import (Embedding, RotaryEmbedding, attention_mask, project_gate_up, project_qkv,
-                     scaled_dot_product_attention, token_positions)
+from .layers import (Embedding, RotaryEmbedding, pass_positions, project_gate_up, project_qkv,
+                     scaled_dot_product_attention)
 
 
 @dataclass(frozen=True)
@@ -174,17 +174,11 @@ class Gemma3(nn.Module):
                 valid: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V); `valid` and `cache` as in `Llama.forward`."""
         cfg = self.config
-        B, T = tokens.shape
-        if valid is None:
-            valid = torch.ones(B, T, dtype=torch.bool, device=tokens.device)
-        start = 0
-        if cache is not None:
-            start = cache.length
-            cache.append_mask(valid)
-            valid = cache.valid[:, : start + T]
-        positions = token_positions(valid, start, T)
-        global_mask = attention_mask(valid, start, T)
-        local_mask = attention_mask(valid, start, T, window=cfg.sliding_window)
+        T = tokens.shape[1]
+        where = pass_positions(tokens, valid, cache)  # token positions and key validity of this pass
+        positions = where.positions  # (B, T)
+        global_mask = where.mask()  # (B, 1, T, S) or None
+        local_mask = where.mask(window=cfg.sliding_window)  # sliding window: only the last W positions
 
         # The embedding is scaled by sqrt(C) (rounded to the weights' dtype, as in training).
         x = self.embed_tokens(tokens) * torch.tensor(cfg.d_model**0.5, dtype=self.compute_dtype)

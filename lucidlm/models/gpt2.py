@@ -26,7 +26,7 @@ from torch import nn
 
 from ..cache import KVCache
 from ..introspect.hook_point import HookPoint
-from .layers import Embedding, LayerNorm, attention_mask, scaled_dot_product_attention, token_positions
+from .layers import Embedding, LayerNorm, pass_positions, scaled_dot_product_attention
 
 # config.json's "activation_function" -> the function; "gelu_new" is the tanh approximation
 # GPT-2 was trained with: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
@@ -160,16 +160,10 @@ class GPT2(nn.Module):
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
                 valid: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V); `valid` and `cache` as in `Llama.forward`."""
-        B, T = tokens.shape
-        if valid is None:
-            valid = torch.ones(B, T, dtype=torch.bool, device=tokens.device)
-        start = 0
-        if cache is not None:
-            start = cache.length
-            cache.append_mask(valid)
-            valid = cache.valid[:, : start + T]  # (B, S): past and new positions
-        positions = token_positions(valid, start, T)  # (B, T)
-        mask = attention_mask(valid, start, T)  # (B, 1, T, S) or None
+        T = tokens.shape[1]
+        where = pass_positions(tokens, valid, cache)  # token positions and key validity of this pass
+        positions = where.positions  # (B, T)
+        mask = where.mask()  # (B, 1, T, S) or None
 
         x = self.hook_embed(self.wte(tokens)) + self.hook_pos_embed(self.wpe(positions))  # (B, T, C)
         for block in self.h:

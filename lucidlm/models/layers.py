@@ -9,7 +9,7 @@ Dimension letters used in shape comments throughout LucidLM:
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +73,7 @@ class RotaryEmbedding(nn.Module):
         self.head_dim, self.base, self.max_positions = head_dim, base, max_positions
         self._last_positions: torch.Tensor | None = None
         self._last_angles: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._device_frequencies: torch.Tensor | None = None
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, base={self.base:g}, max_positions={self.max_positions}"
@@ -85,8 +86,15 @@ class RotaryEmbedding(nn.Module):
         """cos and sin for every position, each (S_max, D) float32 (for tests and plots)."""
         return self._cos_sin(torch.arange(self.max_positions, device=device))
 
+    def _frequencies_on(self, device: torch.device) -> torch.Tensor:
+        """`inverse_frequencies()` on `device`, copied there once: a CUDA graph cannot record a
+        copy from host memory, and a copy per forward pass would be wasted work anyway."""
+        if self._device_frequencies is None or self._device_frequencies.device != device:
+            self._device_frequencies = self.inverse_frequencies().to(device)
+        return self._device_frequencies
+
     def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        angles = positions.to(torch.float64)[..., None] * self.inverse_frequencies().to(positions.device)  # (..., D/2)
+        angles = positions.to(torch.float64)[..., None] * self._frequencies_on(positions.device)  # (..., D/2)
         angles = torch.cat([angles, angles], dim=-1)  # (..., D): the same angle for i and i + D/2
         return angles.cos().float(), angles.sin().float()
 
@@ -118,35 +126,70 @@ class RotaryEmbedding(nn.Module):
         return x * cos + swapped * signed_sin
 
 
-def token_positions(valid: torch.Tensor, start: int, T: int) -> torch.Tensor:
-    """Absolute positions of the T new tokens: how many real tokens precede each one.
+class PassPositions(NamedTuple):
+    """Where the T new tokens of one forward pass sit among the S key slots: what RoPE and masks need.
 
-    valid: (B, start + T) bool over all stored positions, False for left padding. Padding
-    slots get position 0 (their outputs are never used).
+    Made once per pass by `pass_positions` and shared by all layers.
     """
-    counts = valid.long().cumsum(dim=1) - 1  # (B, start+T)
-    return counts[:, start : start + T].clamp(min=0)
+    positions: torch.Tensor  # (B, T) absolute positions: how many real tokens precede each new one
+    keys_valid: torch.Tensor  # (B, S) bool: which key slots hold real tokens (not padding, already written)
+    query_slots: torch.Tensor  # (T,) the key slot each new token is stored in
+    fixed_shape: bool  # S is a static cache's whole capacity (`KVCache.make_static`), not the slots in use
+
+    def mask(self, window: int | None = None) -> torch.Tensor | None:
+        """(B, 1, T, S) bool attention mask (True = attend), or None when nothing needs masking."""
+        return attention_mask(self.keys_valid, self.query_slots, window, may_skip=not self.fixed_shape)
 
 
-def attention_mask(valid: torch.Tensor, start: int, T: int, window: int | None = None) -> torch.Tensor | None:
+def pass_positions(tokens: torch.Tensor, valid: torch.Tensor | None, cache) -> PassPositions:
+    """The positions of a forward pass over tokens (B, T), left padding marked False in valid (B, T).
+
+    With a KV cache the new tokens go after the positions it already holds (`KVCache.begin`
+    records their validity and says in which slots they go); without one, slots are 0..T-1.
+    """
+    B, T = tokens.shape
+    if valid is None:
+        valid = torch.ones(B, T, dtype=torch.bool, device=tokens.device)
+    if cache is None:
+        keys_valid, query_slots, fixed_shape = valid, torch.arange(T, device=tokens.device), False
+    else:
+        keys_valid, query_slots = cache.begin(valid)
+        fixed_shape = cache.static
+    return PassPositions(token_positions(keys_valid, query_slots), keys_valid, query_slots, fixed_shape)
+
+
+def token_positions(valid: torch.Tensor, query_slots: torch.Tensor) -> torch.Tensor:
+    """Absolute positions of the tokens in `query_slots` (T,): how many real tokens precede each one.
+
+    valid: (B, S) bool over all key slots, False for left padding. Padding slots get
+    position 0 (their outputs are never used). Returns (B, T).
+    """
+    counts = valid.long().cumsum(dim=1) - 1  # (B, S)
+    return counts[:, query_slots].clamp(min=0)
+
+
+def attention_mask(valid: torch.Tensor, query_slots: torch.Tensor, window: int | None = None,
+                   may_skip: bool = True) -> torch.Tensor | None:
     """Which keys each new query may attend to, as a (B, 1, T, S) bool mask (True = attend).
 
-    A query at cache index start+t sees keys at index <= start+t (causal), that are real
-    tokens (not padding) and, with a sliding window, fewer than `window` positions back.
-    Padding queries are allowed to see themselves so no softmax row is empty (an empty row
-    would produce NaN). Returns None when nothing needs masking (one new token, no padding,
-    no window): the fused kernel then runs unmasked.
+    valid: (B, S) bool, the key slots holding real tokens; query_slots: (T,) the slot of each
+    new query. A query in slot q sees keys in slots <= q (causal), that are real tokens (not
+    padding) and, with a sliding window, fewer than `window` positions back. Padding
+    queries are allowed to see themselves so no softmax row is empty (an empty row would
+    produce NaN). With `may_skip`, returns None when nothing needs masking (one new token,
+    no padding, no window): the fused kernel then runs unmasked. Deciding that reads a tensor
+    value on the host, which neither a compiled graph nor a CUDA graph can do: both pass
+    through here with a mask.
     """
-    S = start + T
-    # (The all-real check reads a tensor value, which a compiled graph cannot branch on.)
-    if T == 1 and window is None and not torch.compiler.is_compiling() and bool(valid[:, :S].all()):
+    S, T = valid.shape[1], query_slots.shape[0]
+    if may_skip and T == 1 and window is None and not torch.compiler.is_compiling() and bool(valid.all()):
         return None
-    query_index = torch.arange(start, S, device=valid.device)[:, None]  # (T, 1)
+    query_index = query_slots[:, None]  # (T, 1)
     key_index = torch.arange(S, device=valid.device)[None, :]  # (1, S)
     allowed = key_index <= query_index  # (T, S)
     if window is not None:
         allowed = allowed & (key_index > query_index - window)
-    allowed = allowed[None] & valid[:, None, :S]  # (B, T, S)
+    allowed = allowed[None] & valid[:, None, :]  # (B, T, S)
     allowed = allowed | (key_index == query_index)[None]
     return allowed[:, None]  # (B, 1, T, S)
 

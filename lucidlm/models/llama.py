@@ -25,9 +25,8 @@ from torch import nn
 
 from ..cache import KVCache
 from ..introspect.hook_point import HookPoint
-from .layers import (Embedding, FrequencyRotaryEmbedding, RMSNorm, RotaryEmbedding, SwiGLU, attention_mask,
-                     llama3_scaled_inv_freq, project_qkv, rope_inv_freq, scaled_dot_product_attention,
-                     token_positions)
+from .layers import (Embedding, FrequencyRotaryEmbedding, RMSNorm, RotaryEmbedding, SwiGLU, llama3_scaled_inv_freq,
+                     pass_positions, project_qkv, rope_inv_freq, scaled_dot_product_attention)
 
 
 @dataclass(frozen=True)
@@ -157,16 +156,10 @@ class Llama(nn.Module):
         last_only: return logits for the last position only, (B, 1, V): all that generation
         needs, and the LM head is the largest matmul of a prefill (T x C x V).
         """
-        B, T = tokens.shape
-        if valid is None:
-            valid = torch.ones(B, T, dtype=torch.bool, device=tokens.device)
-        start = 0
-        if cache is not None:
-            start = cache.length
-            cache.append_mask(valid)
-            valid = cache.valid[:, : start + T]  # (B, S): past and new positions
-        positions = token_positions(valid, start, T)  # (B, T)
-        mask = attention_mask(valid, start, T, window=self.config.sliding_window)  # (B, 1, T, S) or None
+        T = tokens.shape[1]
+        where = pass_positions(tokens, valid, cache)  # token positions and key validity of this pass
+        positions = where.positions  # (B, T)
+        mask = where.mask(window=self.config.sliding_window)  # (B, 1, T, S) or None
 
         x = self.hook_embed(self.embed_tokens(tokens))  # (B, T, C)
         for block in self.layers:

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..cache import KVCache
 from ..introspect.hook_point import HookPoint
-from .layers import Embedding, RMSNorm, RotaryEmbedding, attention_mask, token_positions
+from .layers import Embedding, RMSNorm, RotaryEmbedding, pass_positions
 from .llama import Attention
 from .moe import SparseMoE
 
@@ -120,16 +120,10 @@ class Mixtral(nn.Module):
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
                 valid: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V); `valid` and `cache` as in `Llama.forward`."""
-        B, T = tokens.shape
-        if valid is None:
-            valid = torch.ones(B, T, dtype=torch.bool, device=tokens.device)
-        start = 0
-        if cache is not None:
-            start = cache.length
-            cache.append_mask(valid)
-            valid = cache.valid[:, : start + T]  # (B, S): past and new positions
-        positions = token_positions(valid, start, T)  # (B, T)
-        mask = attention_mask(valid, start, T, window=self.config.sliding_window)  # (B, 1, T, S) or None
+        T = tokens.shape[1]
+        where = pass_positions(tokens, valid, cache)  # token positions and key validity of this pass
+        positions = where.positions  # (B, T)
+        mask = where.mask(window=self.config.sliding_window)  # (B, 1, T, S) or None
 
         x = self.hook_embed(self.embed_tokens(tokens))  # (B, T, C)
         for block in self.layers:

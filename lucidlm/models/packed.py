@@ -264,7 +264,7 @@ class RowSlice(nn.Module):
     fused layer itself; calling a slice runs the whole fused layer and keeps its rows.
     """
 
-    def __init__(self, fused: Int4Linear | Int8Linear, start: int, stop: int, fused_name: str):
+    def __init__(self, fused: Int4Linear | Int8Linear | nn.Linear, start: int, stop: int, fused_name: str):
         super().__init__()
         self.__dict__["fused"] = fused  # bypasses nn.Module.__setattr__: not a submodule
         self.start, self.stop, self.fused_name = start, stop, fused_name
@@ -276,7 +276,10 @@ class RowSlice(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.fused.weight_rows(self.start, self.stop)  # (out_features, in_features) float32
+        """(out_features, in_features): float32 decoded from a packed layer, a view of a dense one."""
+        if isinstance(self.fused, nn.Linear):
+            return self.fused.weight[self.start:self.stop]
+        return self.fused.weight_rows(self.start, self.stop)
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -294,9 +297,11 @@ FUSIBLE = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_pr
 RELEASE_EVERY = 4 * 2**20  # bytes of replaced buffers between calls of fuse_projections' release_memory
 
 
-def fuse_projections(model: nn.Module, release_memory: Callable[[], None] | None = None) -> int:
+def fuse_projections(model: nn.Module, release_memory: Callable[[], None] | None = None, dense: bool = False) -> int:
     """Stack the packed projections that read the same input into one layer each: q, k, v
     into `qkv_proj` and gate, up into `gate_up_proj`; the old names become `RowSlice`s of it.
+    `dense=True` stacks plain nn.Linear groups too (`compile_decode` on a GPU, where each
+    small matmul of a decode step is a kernel of a few microseconds, mostly latency).
 
     Why: a batch-1 decode step is many small matmuls, each paying for a kernel call and the
     conversion of its input and output to and from bfloat16. One call for q, k and v (and one
@@ -318,18 +323,18 @@ def fuse_projections(model: nn.Module, release_memory: Callable[[], None] | None
                 continue  # this class does not compute with a fused layer, or already has one
             parts = [getattr(module, name) for name in part_names]
             kind = type(parts[0])
-            if kind not in (Int4Linear, Int8Linear) or any(type(p) is not kind for p in parts) \
-                    or len({p.in_features for p in parts}) != 1:
+            if kind not in ((Int4Linear, Int8Linear, nn.Linear) if dense else (Int4Linear, Int8Linear)) \
+                    or any(type(p) is not kind for p in parts) or len({p.in_features for p in parts}) != 1:
                 continue  # mixed kinds (a Q4_K q with a Q6_K v, say) or not packed
-            fused = kind.concat(parts)
+            fused = _concat_linear(parts) if kind is nn.Linear else kind.concat(parts)
             setattr(module, fused_name, fused)
             start = 0
             for name, part in zip(part_names, parts):
                 setattr(module, name, RowSlice(fused, start, start + part.out_features, fused_name))
                 start += part.out_features
                 freed += _buffer_bytes(part)
-                for buffer in [n for n, _ in part.named_buffers(recurse=False)]:
-                    delattr(part, buffer)  # free it now, even if something (the loader) still holds the part
+                for tensor in [n for n, _ in [*part.named_buffers(recurse=False), *part.named_parameters(recurse=False)]]:
+                    delattr(part, tensor)  # free it now, even if something (the loader) still holds the part
             made += 1
             if release_memory is not None and freed >= RELEASE_EVERY:
                 release_memory()
@@ -340,6 +345,19 @@ def fuse_projections(model: nn.Module, release_memory: Callable[[], None] | None
 
 
 PACKED_MODULES = (Int4Linear, Int8Linear, Q8Embedding)
+
+
+def _concat_linear(parts: list[nn.Linear]) -> nn.Linear:
+    """One nn.Linear whose weight (and bias) are the parts' stacked by rows."""
+    weight = torch.cat([p.weight.detach() for p in parts])  # (N, K)
+    has_bias = any(p.bias is not None for p in parts)
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")  # no init: replaced
+    grad = parts[0].weight.requires_grad
+    fused.weight = nn.Parameter(weight, requires_grad=grad)
+    if has_bias:
+        fused.bias = nn.Parameter(torch.cat([torch.zeros(p.out_features, dtype=weight.dtype, device=weight.device)
+                                             if p.bias is None else p.bias.detach() for p in parts]), requires_grad=grad)
+    return fused
 
 
 def _buffer_bytes(module: nn.Module) -> int:
