@@ -248,7 +248,8 @@ def load(name_or_path: str | None = None, progress: bool = True, dtype: str = "a
     device: "cpu" (default), "cuda" (or "cuda:N"), or "auto" (a GPU when PyTorch sees one).
     compile: run decode steps through torch.compile (`lucidlm.compile`): faster tokens once
         compiled, at the cost of compiling at the first decode step (about a minute the first
-        time, seconds once Inductor's disk cache has it). Introspection stays eager.
+        time, seconds once Inductor's disk cache has it). On a GPU, decode steps are also
+        replayed from CUDA graphs (`lucidlm.cuda_graphs`). Introspection stays eager.
     """
     model = _load(name_or_path, progress, dtype, device)
     if compile:
