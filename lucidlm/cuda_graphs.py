@@ -49,7 +49,9 @@ class DecodeGraph:
         stream.wait_stream(torch.cuda.current_stream())
         try:
             with torch.cuda.stream(stream):
-                self.graph.capture_begin()
+                # thread_local: another thread's CUDA work (a server's other requests) may go on
+                # while this thread captures; only this thread's unsafe calls are refused.
+                self.graph.capture_begin(capture_error_mode="thread_local")
                 try:
                     self.logits = step(self.tokens, cache)  # (B, 1, V)
                 finally:
