@@ -51,6 +51,15 @@ _FIXED_AFTER_LOADING = frozenset({"TYPE_MATCH", "ID_MATCH", "CLOSURE_MATCH", "TE
                                   "DICT_NOT_CONTAINS"})
 
 
+_seconds_compiling = 0.0  # all models together, this process
+
+
+def seconds_compiling() -> float:
+    """Seconds this process has spent compiling decode steps so far: generation statistics
+    subtract what a generation spent compiling from its decode time (`generate.TextStream`)."""
+    return _seconds_compiling
+
+
 def _keep_guard(entries) -> list[bool]:
     return [not (entry.orig_guard.source.is_unspecialized_nn_module() and entry.guard_type in _FIXED_AFTER_LOADING)
             for entry in entries]
@@ -108,12 +117,14 @@ class CompiledDecode:
         if self.progress:
             print("compiling the decode step with torch.compile (about a minute the first time; "
                   "cached on disk afterwards)...", file=sys.stderr, flush=True)
+        global _seconds_compiling
         started = time.perf_counter()
         length = cache.length
         try:
             self.compiled = torch.compile(self.eager, dynamic=True, options={"guard_filter_fn": _keep_guard})
             logits = self.compiled(tokens, cache, *args, **kwargs)
         except torch._dynamo.exc.TorchDynamoException as error:
+            _seconds_compiling += time.perf_counter() - started
             # Compilation happens before the graph runs, so the cache is untouched; undo the
             # position count in case the failure came after it was traced, and go eager.
             cache.length = length
@@ -122,6 +133,7 @@ class CompiledDecode:
             warnings.warn(f"torch.compile failed, decoding without it: {reason}", RuntimeWarning, stacklevel=3)
             return self.eager(tokens, cache, *args, **kwargs)
         self.state = "compiled"
+        _seconds_compiling += time.perf_counter() - started
         if self.progress:
             print(f"compiled in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
         return logits

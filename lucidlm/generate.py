@@ -20,6 +20,7 @@ from typing import Iterable, Iterator
 
 import torch
 
+from .compile import seconds_compiling
 from .errors import ContextOverflowError, InvalidArgumentError
 from .models.layers import model_device
 from .penalties import LogitControls
@@ -85,17 +86,21 @@ class GenerationStats:
     new_tokens: int = 0
     time_to_first_token: float = 0.0  # seconds from start (tokenization included) to the first token
     decode_seconds: float = 0.0  # from the first token to the last
+    compile_seconds: float = 0.0  # of decode_seconds, spent compiling the decode step (`--compile`'s first step)
     finish_reason: str = "length"  # "stop" (EOS or stop string) or "length"
     token_ids: list[int] = field(default_factory=list)
 
     @property
     def decode_tokens_per_second(self) -> float:
-        """Tokens after the first, per second of decode (the first one is paid by prefill)."""
-        return (self.new_tokens - 1) / self.decode_seconds if self.new_tokens > 1 and self.decode_seconds > 0 else 0.0
+        """Tokens after the first, per second of decode (the first one is paid by prefill),
+        one-off compilation excluded."""
+        seconds = self.decode_seconds - self.compile_seconds
+        return (self.new_tokens - 1) / seconds if self.new_tokens > 1 and seconds > 0 else 0.0
 
     def summary(self) -> str:
+        compiling = f" (after {self.compile_seconds:.1f} s compiling)" if self.compile_seconds else ""
         return (f"{self.prompt_tokens} prompt tokens, time to first token {self.time_to_first_token * 1000:.0f} ms, "
-                f"{self.new_tokens} new tokens at {self.decode_tokens_per_second:.1f} tok/s")
+                f"{self.new_tokens} new tokens at {self.decode_tokens_per_second:.1f} tok/s{compiling}")
 
 
 def longest_stop_prefix(text: str, stops: list[str]) -> int:
@@ -123,6 +128,7 @@ class TextStream:
         self.steps, self.decoder, self.stop_ids = steps, decoder, set(stop_ids)
         self.stop_strings = [s for s in stop_strings if s]
         self.stats, self.started = stats, started
+        self.compiled_before = seconds_compiling()
 
     def __iter__(self) -> Iterator[str]:
         pending = ""
@@ -133,6 +139,7 @@ class TextStream:
                 first_token_at = now
                 self.stats.time_to_first_token = now - self.started
             self.stats.decode_seconds = now - first_token_at
+            self.stats.compile_seconds = seconds_compiling() - self.compiled_before
             self.stats.new_tokens += 1
             if step.token_id in self.stop_ids:
                 self.stats.finish_reason = "stop"

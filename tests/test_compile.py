@@ -216,3 +216,32 @@ def test_without_a_cxx_compiler_decoding_warns_and_stays_eager(monkeypatch):
     assert installed.state.startswith("failed") and "C++ compiler" in installed.state
     assert sum("torch.compile failed" in str(w.message) for w in caught) == 1
     torch.testing.assert_close(actual, hf_logits(hf, PROMPT + CONTINUATION[:4])[len(PROMPT) - 1:], atol=ATOL, rtol=0)
+
+
+def test_generation_stats_leave_compilation_out():
+    # `lucid generate --compile` compiles during its first decode step: the reported decode
+    # rate must not count those seconds (they are reported apart).
+    import time
+
+    from lucidlm.generate import GenerationStats, TextStream, generate_tokens
+    from lucidlm.sampling import SamplingParams, make_sampler
+
+    class SpacedIds:  # a stand-in for the incremental detokenizer
+        push = staticmethod(lambda token_id: f"{token_id} ")
+        flush = staticmethod(lambda: "")
+
+    def stream(model) -> GenerationStats:
+        stats = GenerationStats(prompt_tokens=len(PROMPT))
+        steps = generate_tokens(model, PROMPT, make_sampler(SamplingParams()), 6)
+        "".join(TextStream(steps, SpacedIds(), (), [], stats, time.perf_counter()))
+        return stats
+
+    _, ours = tiny_llama_pair(5)
+    plain = stream(ours)
+    assert plain.compile_seconds == 0 and "compiling" not in plain.summary()
+    compile_decode(ours, progress=False)
+    stats = stream(ours)
+    assert stats.new_tokens == 6 and 0 < stats.compile_seconds < stats.decode_seconds
+    assert stats.decode_tokens_per_second == pytest.approx(5 / (stats.decode_seconds - stats.compile_seconds))
+    assert f"after {stats.compile_seconds:.1f} s compiling" in stats.summary()
+    assert stream(ours).compile_seconds == 0  # compiled once: the next generation pays nothing
