@@ -198,26 +198,6 @@ def test_smollm_packed_compiled_steps_match_eager(smollm_path):
     assert torch.equal(actual.argmax(-1)[clear], expected.argmax(-1)[clear])
 
 
-def test_without_a_cxx_compiler_decoding_warns_and_stays_eager(monkeypatch):
-    """No working C++ compiler (Inductor's CPU backend needs one): a warning, and correct logits."""
-    import torch._inductor.config as inductor_config
-
-    hf, ours = tiny_llama_pair(2)
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/g++",))
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # no cached build to fall back on
-    torch._dynamo.reset()  # nor graphs compiled by the tests above
-    try:
-        installed = compile_decode(ours, progress=False)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            actual = decode_logits(ours, PROMPT, CONTINUATION[:4])
-    finally:
-        torch._dynamo.reset()
-    assert installed.state.startswith("failed") and "C++ compiler" in installed.state
-    assert sum("torch.compile failed" in str(w.message) for w in caught) == 1
-    torch.testing.assert_close(actual, hf_logits(hf, PROMPT + CONTINUATION[:4])[len(PROMPT) - 1:], atol=ATOL, rtol=0)
-
-
 def test_generation_stats_leave_compilation_out():
     # `lucid generate --compile` compiles during its first decode step: the reported decode
     # rate must not count those seconds (they are reported apart).
@@ -241,7 +221,28 @@ def test_generation_stats_leave_compilation_out():
     assert plain.compile_seconds == 0 and "compiling" not in plain.summary()
     compile_decode(ours, progress=False)
     stats = stream(ours)
+    assert ours.forward.state == "compiled"
     assert stats.new_tokens == 6 and 0 < stats.compile_seconds < stats.decode_seconds
     assert stats.decode_tokens_per_second == pytest.approx(5 / (stats.decode_seconds - stats.compile_seconds))
     assert f"after {stats.compile_seconds:.1f} s compiling" in stats.summary()
     assert stream(ours).compile_seconds == 0  # compiled once: the next generation pays nothing
+
+
+def test_without_a_cxx_compiler_decoding_warns_and_stays_eager(monkeypatch):
+    """No working C++ compiler (Inductor's CPU backend needs one): a warning, and correct logits."""
+    import torch._inductor.config as inductor_config
+
+    hf, ours = tiny_llama_pair(2)
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/g++",))
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # no cached build to fall back on
+    torch._dynamo.reset()  # nor graphs compiled by the tests above
+    try:
+        installed = compile_decode(ours, progress=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            actual = decode_logits(ours, PROMPT, CONTINUATION[:4])
+    finally:
+        torch._dynamo.reset()
+    assert installed.state.startswith("failed") and "C++ compiler" in installed.state
+    assert sum("torch.compile failed" in str(w.message) for w in caught) == 1
+    torch.testing.assert_close(actual, hf_logits(hf, PROMPT + CONTINUATION[:4])[len(PROMPT) - 1:], atol=ATOL, rtol=0)
