@@ -41,7 +41,6 @@ class KVCache:
         self.length = 0  # positions filled so far (same for every sequence in the batch)
         self.slot: torch.Tensor | None = None  # static caches: `length` on the device (0-dim long)
         self._slots: torch.Tensor | None = None  # (T,) slots of the pass in progress
-        self.decode_graph = None  # a CUDA graph replaying decode steps on this cache (`lucidlm.cuda_graphs`)
 
     @property
     def batch_size(self) -> int:
@@ -56,6 +55,11 @@ class KVCache:
         if self.slot is None:
             self.slot = torch.tensor(self.length, device=self.valid.device)
 
+    def check_room(self, n: int) -> None:
+        """Raise a clear error if `n` more positions do not fit."""
+        if self.length + n > self.max_positions:
+            raise ValueError(f"KV cache holds {self.max_positions} positions; {self.length} used, {n} more requested")
+
     def begin(self, new_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Start a pass of T new positions. new_valid: (B, T) bool, False for padding.
 
@@ -65,8 +69,7 @@ class KVCache:
         with `advance(T)`.
         """
         T = new_valid.shape[1]
-        if self.length + T > self.max_positions:
-            raise ValueError(f"KV cache holds {self.max_positions} positions; {self.length} used, {T} more requested")
+        self.check_room(T)
         if self.slot is None:
             self._slots = torch.arange(self.length, self.length + T, device=self.valid.device)
             self.valid[:, self.length : self.length + T] = new_valid
@@ -106,7 +109,6 @@ class KVCache:
         self.keys = [k[batch_indices] for k in self.keys]
         self.values = [v[batch_indices] for v in self.values]
         self.valid = self.valid[batch_indices]
-        self.decode_graph = None  # captured on the old tensors
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)

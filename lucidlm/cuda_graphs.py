@@ -67,8 +67,7 @@ class DecodeGraph:
 
     def replay(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """tokens (B, 1) -> logits (B, 1, V), the cache advanced by one position."""
-        if cache.length + 1 > cache.max_positions:
-            raise ValueError(f"KV cache holds {cache.max_positions} positions; {cache.length} used, 1 more requested")
+        cache.check_room(1)  # the graph writes at cache.slot without looking: check on the host first
         self.tokens.copy_(tokens)
         self.graph.replay()  # writes k, v and validity at cache.slot, then advances cache.slot
         cache.length += 1
