@@ -144,7 +144,7 @@ def _dequantize_blocks(type_name: str, blocks: np.ndarray) -> torch.Tensor:
     The products of a float16 scale and a small integer are exact in float32, so only
     Q4_1/Q5_1's `+ m` rounds, as in ggml: the order of the operations does not matter."""
     if type_name == "Q8_0":
-        return _times(blocks[:, 2:34].view(np.int8), _f16(blocks, 0))
+        return _times(*_q8_0_fields(blocks))
     if type_name == "Q4_0":
         q = _nibbles(blocks[:, 2:18])
         q -= 8  # q - 8 as int8 (uint8 arithmetic wraps: 0..7 -> 248..255 = -8..-1)
@@ -226,12 +226,17 @@ def affine_4bit(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...],
     return torch.from_numpy(q).reshape(N, K), scale.reshape(N, K // 32), offset.reshape(N, K // 32)
 
 
+def _q8_0_fields(blocks: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+    """Q8_0 blocks (N, 34) -> their values (N, 32) int8, a view of the blocks, and scales d (N, 1)."""
+    return blocks[:, 2:34].view(np.int8), _f16(blocks, 0)
+
+
 def q8_0_parts(raw: np.ndarray, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """A Q8_0 matrix (N, K) as its int8 values (N, K) and per-32 scales (N, K/32) float32."""
     N, K = shape
-    blocks = _blocks(raw, 34)
-    q = np.ascontiguousarray(blocks[:, 2:34]).view(np.int8)  # the one copy, straight from the file
-    return torch.from_numpy(q).reshape(N, K), _f16(blocks, 0).reshape(N, K // 32)
+    q, d = _q8_0_fields(_blocks(raw, 34))
+    q = np.ascontiguousarray(q)  # the one copy, straight from the file
+    return torch.from_numpy(q).reshape(N, K), d.reshape(N, K // 32)
 
 
 def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...], name: str = "tensor") -> torch.Tensor:
