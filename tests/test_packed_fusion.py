@@ -242,10 +242,14 @@ def test_dense_fusion_matches_transformers():
     # matmul over stacked rows sums in the same order per output; observed max |Δ| ~1e-6).
     from tiny_llama import tiny_llama_pair
 
+    from lucidlm.introspect.architecture import weight_sizes
+
     hf, ours = tiny_llama_pair(3)
     q_weight = ours.layers[0].self_attn.q_proj.weight.detach().clone()
     n_params = sum(p.numel() for p in ours.parameters())
+    sizes = weight_sizes(ours)
     assert fuse_projections(ours, dense=True) == 2 * ours.config.n_layers
+    assert weight_sizes(ours) == sizes  # the summary still lists q_proj, k_proj, ... once each
     attn, mlp = ours.layers[0].self_attn, ours.layers[0].mlp
     assert isinstance(attn.q_proj, RowSlice) and isinstance(attn.qkv_proj, torch.nn.Linear)
     assert isinstance(mlp.gate_proj, RowSlice) and isinstance(mlp.gate_up_proj, torch.nn.Linear)

@@ -6,7 +6,7 @@ from collections import defaultdict
 from dataclasses import asdict
 
 from ..loading.quants import GGML_TYPES
-from ..models.packed import packed_weight_sizes
+from ..models.packed import fused_layer_names, packed_weight_sizes
 from .hook_point import HOOK_SITES, hook_sites
 
 _GGML_BY_NAME = {t.name: t for t in GGML_TYPES.values()}
@@ -25,7 +25,9 @@ def unique_parameters(model) -> dict[str, object]:
 def weight_sizes(model) -> dict[str, tuple[int, int]]:
     """Weight name -> (parameters, bytes in memory): ordinary parameters, and the weights of
     packed modules (`models.packed`), which are buffers holding compressed values."""
-    sizes = {name: (p.numel(), p.numel() * p.element_size()) for name, p in unique_parameters(model).items()}
+    fused = fused_layer_names(model)  # stacked dense layers: counted through their views, by the file's names
+    sizes = {name: (p.numel(), p.numel() * p.element_size()) for name, p in unique_parameters(model).items()
+             if name.rpartition(".")[0] not in fused}
     sizes.update(packed_weight_sizes(model))
     tied = getattr(getattr(model, "config", None), "tie_embeddings", False)
     if tied and "lm_head.weight" in sizes and "embed_tokens.weight" in sizes:

@@ -332,7 +332,7 @@ def fuse_projections(model: nn.Module, release_memory: Callable[[], None] | None
             for name, part in zip(part_names, parts):
                 setattr(module, name, RowSlice(fused, start, start + part.out_features, fused_name))
                 start += part.out_features
-                freed += _buffer_bytes(part)
+                freed += _tensor_bytes(part)
                 for tensor in [n for n, _ in [*part.named_buffers(recurse=False), *part.named_parameters(recurse=False)]]:
                     delattr(part, tensor)  # free it now, even if something (the loader) still holds the part
             made += 1
@@ -360,8 +360,9 @@ def _concat_linear(parts: list[nn.Linear]) -> nn.Linear:
     return fused
 
 
-def _buffer_bytes(module: nn.Module) -> int:
-    return sum(b.numel() * b.element_size() for b in module.buffers())
+def _tensor_bytes(module: nn.Module) -> int:
+    """Bytes of a layer's buffers (packed layers) and parameters (a stacked dense nn.Linear)."""
+    return sum(t.numel() * t.element_size() for t in [*module.buffers(), *module.parameters()])
 
 
 def packed_weight_sizes(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -369,17 +370,25 @@ def packed_weight_sizes(model: nn.Module) -> dict[str, tuple[int, int]]:
 
     A fused layer is reported through its `RowSlice`s, by the names of the layers it replaced
     (those in the file), each with its rows' share of the bytes (every buffer of an
-    Int4Linear or Int8Linear has a fixed size per row), so the totals are the unfused model's.
+    Int4Linear or Int8Linear, and a stacked nn.Linear's weight, has a fixed size per row), so
+    the totals are the unfused model's. A stacked dense layer's own parameters must then be left
+    out of a parameter count (`fused_layer_names`).
     """
-    viewed = {id(m.fused) for m in model.modules() if isinstance(m, RowSlice)}
+    fused_names = fused_layer_names(model)
     sizes = {}
     for name, module in model.named_modules():
         if isinstance(module, RowSlice):
             fused = module.fused
-            per_row = _buffer_bytes(fused) // fused.out_features
+            per_row = _tensor_bytes(fused) // fused.out_features
             sizes[f"{name}.weight"] = (module.out_features * module.in_features, module.out_features * per_row)
-        elif isinstance(module, PACKED_MODULES) and id(module) not in viewed:
+        elif isinstance(module, PACKED_MODULES) and name not in fused_names:
             rows, cols = (module.num_embeddings, module.dim) if isinstance(module, Q8Embedding) else \
                 (module.out_features, module.in_features)
-            sizes[f"{name}.weight"] = (rows * cols, _buffer_bytes(module))
+            sizes[f"{name}.weight"] = (rows * cols, _tensor_bytes(module))
     return sizes
+
+
+def fused_layer_names(model: nn.Module) -> set[str]:
+    """Names of the fused layers (`qkv_proj`, `gate_up_proj`) that `RowSlice`s stand for."""
+    viewed = {id(m.fused) for m in model.modules() if isinstance(m, RowSlice)}
+    return {name for name, module in model.named_modules() if id(module) in viewed}
