@@ -40,6 +40,15 @@ def replays(monkeypatch):
     return counted
 
 
+@pytest.fixture
+def captures(monkeypatch):
+    """Counts graph captures."""
+    counted = []
+    original = DecodeGraph.__init__
+    monkeypatch.setattr(DecodeGraph, "__init__", lambda self, *a: counted.append(1) or original(self, *a))
+    return counted
+
+
 @pytest.fixture(scope="module")
 def graphed():
     """Two (hf, ours) pairs with different weights; ours on the GPU with CUDA graphs, no Inductor."""
@@ -162,44 +171,32 @@ def test_beam_search_keeps_its_graph_and_matches_transformers(search_pair, repla
     assert len(replays) >= 5
 
 
-def test_contrastive_search_runs_eagerly_and_matches_brute_force(search_pair):
+def test_contrastive_search_runs_eagerly_and_matches_brute_force(search_pair, captures):
     # Contrastive search reads hidden states through a module hook: an observer, so no graph
     # (a replay would skip the hook and leave stale hidden states).
     from test_search import brute_force_contrastive
 
     hf, ours = search_pair
-    captured = []
-    original = DecodeGraph.__init__
-    DecodeGraph.__init__ = lambda self, *a: captured.append(1) or original(self, *a)
-    try:
-        actual = [s.token_id for s in contrastive_search_tokens(ours, PROMPT, 8, 0.6, 4)]
-    finally:
-        DecodeGraph.__init__ = original
+    actual = [s.token_id for s in contrastive_search_tokens(ours, PROMPT, 8, 0.6, 4)]
     assert actual == brute_force_contrastive(hf, PROMPT, 8, 0.6, 4)
-    assert not captured
+    assert not captures
 
 
-def test_a_cache_whose_batch_keeps_changing_stops_being_captured(graphed):
+def test_a_cache_whose_batch_keeps_changing_stops_being_captured(graphed, captures):
     # Each change of batch size replaces the cache's tensors (the graph no longer fits) and
     # costs a capture; after MAX_CAPTURES_PER_CACHE the cache runs eagerly.
     hf, ours = graphed[0]
-    captured = []
-    original = DecodeGraph.__init__
-    DecodeGraph.__init__ = lambda self, *a: captured.append(1) or original(self, *a)
     ids, got = PROMPT[:], []
-    try:
-        with torch.inference_mode():
-            cache = ours.new_cache(1, 32)
-            ours(torch.tensor([ids], device="cuda"), cache)
-            for i, token in enumerate(CONTINUATION[:6]):
-                rows = 1 + i % 2
-                cache.reorder(torch.zeros(rows, dtype=torch.long, device="cuda"))  # copies of row 0
-                ids.append(token)
-                got.append(ours(torch.tensor([[token]] * rows, device="cuda"), cache)[-1, -1])
-                cache.reorder(torch.zeros(1, dtype=torch.long, device="cuda"))
-    finally:
-        DecodeGraph.__init__ = original
-    assert len(captured) == MAX_CAPTURES_PER_CACHE
+    with torch.inference_mode():
+        cache = ours.new_cache(1, 32)
+        ours(torch.tensor([ids], device="cuda"), cache)
+        for i, token in enumerate(CONTINUATION[:6]):
+            rows = 1 + i % 2
+            cache.reorder(torch.zeros(rows, dtype=torch.long, device="cuda"))  # copies of row 0
+            ids.append(token)
+            got.append(ours(torch.tensor([[token]] * rows, device="cuda"), cache)[-1, -1])
+            cache.reorder(torch.zeros(1, dtype=torch.long, device="cuda"))
+    assert len(captures) == MAX_CAPTURES_PER_CACHE
     torch.testing.assert_close(torch.stack(got).cpu(), hf_logits(hf, ids)[len(PROMPT):], atol=ATOL, rtol=0)
 
 
