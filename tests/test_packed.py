@@ -242,7 +242,7 @@ def test_int4_kernel_path_within_bfloat16_bound(type_name, made_by_gguf, bias):
 def test_int4_dense_path_within_bfloat16_bound(type_name, made_by_gguf, bias):
     """M >= DENSE_FROM_ROWS rows: a float32 matmul on the decoded matrix."""
     layer, W, b, w_err = _int4_case(type_name, made_by_gguf, bias=bias)
-    for m in (DENSE_FROM_ROWS, DENSE_FROM_ROWS + 1, 100):
+    for m in (DENSE_FROM_ROWS, DENSE_FROM_ROWS + 1, DENSE_FROM_ROWS + 40):
         x = _inputs(m, W.shape[1], seed=100 + m)
         y = layer(x)
         assert y.dtype == torch.float32 and tuple(y.shape) == (m, W.shape[0])
@@ -291,6 +291,81 @@ def test_int4_rejects_rows_not_in_groups_of_32():
         Int4Linear(q, torch.ones(16, 1), torch.zeros(16, 1))
 
 
+@pytest.mark.parametrize("shape", [(32, 64), (48, 64), (16, 576), (112, 96)], ids=["one-block", "block-and-16", "16", "3-blocks-and-16"])
+def test_int4_keeps_one_copy_and_reads_it_back(shape):
+    """After packing, the kernel's tiled copy is the only copy of the 4-bit values (0.5 bytes a
+    weight); the values, `.weight` and any rows of it decode from that copy. Oracle: the q,
+    scale and offset given, in float64."""
+    N, K = shape
+    g = torch.Generator().manual_seed(N + K)
+    q = torch.randint(0, 16, shape, generator=g, dtype=torch.uint8)
+    scale, offset = torch.rand(N, K // GROUP, generator=g) + 0.1, torch.randn(N, K // GROUP, generator=g)
+    layer = Int4Linear(q, scale, offset)
+    assert layer.nibbles is None and layer.packed.numel() == N * K // 2
+    assert torch.equal(layer.values(), q)
+    # the kernel's numbers: (q - 8) * bf16(scale) + bf16(offset + 8 scale)
+    s = scale.bfloat16().double().repeat_interleave(GROUP, dim=1)
+    z = (offset + 8 * scale).bfloat16().double().repeat_interleave(GROUP, dim=1)
+    expected = (q.double() - 8) * s + z
+    assert ((layer.weight.double() - expected).abs() <= 2.0**-24 * expected.abs() * 2).all()
+    for start, stop in [(0, N), (5, N - 3), (N - 16, N), (N // 2, N // 2 + 1)]:
+        assert torch.equal(layer.weight_rows(start, stop), layer.weight[start:stop]), (start, stop)
+
+
+def test_int4_unreadable_packing_is_a_clear_error(monkeypatch):
+    """Int4Linear reads the kernel's packed bytes itself: a PyTorch that lays them out
+    differently must fail loudly at packing, not decode garbage in prefill."""
+    from lucidlm.models import packed
+
+    monkeypatch.setattr(packed, "_int4pack", lambda q: packed._row_nibbles(q.to(torch.uint8)))  # another layout
+    packed._check_packed_layout.cache_clear()
+    try:
+        with pytest.raises(UnsupportedError, match="layout LucidLM cannot read"):
+            Int4Linear(torch.zeros(32, 64, dtype=torch.uint8), torch.ones(32, 2), torch.zeros(32, 2))
+    finally:
+        packed._check_packed_layout.cache_clear()
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_dense_path_in_row_slices(monkeypatch, kind):
+    """A layer larger than DENSE_CHUNK weights (an LM head) is decoded a slice of rows at a time
+    into a small buffer: the result is still within the bfloat16 bound of the file's matrix."""
+    from lucidlm.models import packed
+
+    if kind == "int4":
+        layer, W, b, w_err = _int4_case("Q4_1", True, shape=(112, 256), bias=True)  # 3 blocks of 32 and 16 rows
+    else:
+        W, b = _rows_of_varied_scale(100, 256, seed=4), None
+        layer = Int8Linear.quantize(W)
+        W, w_err = layer.weight, torch.zeros(100, 256, dtype=torch.float64)
+    x = _inputs(DENSE_FROM_ROWS + 3, 256, seed=8)
+    whole = layer(x)
+    monkeypatch.setattr(packed, "DENSE_CHUNK", 32 * 256)  # slices of 32 rows
+    with torch.inference_mode():  # (the buffer is reused only without autograd)
+        sliced = layer(x)
+        assert packed._DECODE_BUFFER.tensor.numel() <= 32 * 256
+    _assert_within_bound(sliced, x, W, b, w_err, "sliced")
+    _assert_within_bound(whole, x, W, b, w_err, "whole")
+
+
+def test_dense_path_buffer_is_per_thread():
+    """The decode buffer is reused between calls but never shared between threads: layers of
+    different shapes run concurrently give what each gives alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = [_int4_case("Q4_0", True, shape=(n, 256)) for n in (48, 96, 160)]
+    x = _inputs(DENSE_FROM_ROWS, 256, seed=2)
+    with torch.inference_mode():
+        alone = [layer(x) for layer, *_ in cases]
+
+    def run(i):
+        with torch.inference_mode():
+            return all(torch.equal(cases[i % 3][0](x), alone[i % 3]) for _ in range(5))
+
+    with ThreadPoolExecutor(3) as pool:
+        assert all(pool.map(run, range(12)))
+
+
 # ----- 3. Int8Linear and Q8Embedding -----
 
 def _rows_of_varied_scale(n: int, k: int, seed: int) -> torch.Tensor:
@@ -335,13 +410,13 @@ def test_int8_forward_kernel_and_dense_paths():
     layer = Int8Linear.quantize(W)
     W8 = layer.weight  # q * stored scale: exactly what the kernel multiplies with
     step = W.abs().amax(dim=1).double() / 127
-    x_all = _inputs(70, 256, seed=3)
+    x_all = _inputs(DENSE_FROM_ROWS + 20, 256, seed=3)
     ref_all = _reference(x_all, W8, None)
     bound_all = _kernel_bound(x_all.double(), torch.zeros_like(W8, dtype=torch.float64), W8.double().abs(), ref_all)
     # close to the unquantized layer too: every weight within one step (max |w| / 127) of its row's
     dense_all = _reference(x_all, W, None)
     quantization_all = x_all.double().abs().sum(dim=1, keepdim=True) * step[None, :]
-    for m in list(range(1, DENSE_FROM_ROWS)) + [DENSE_FROM_ROWS, 70]:  # kernel, then dense path
+    for m in list(range(1, DENSE_FROM_ROWS)) + [DENSE_FROM_ROWS, DENSE_FROM_ROWS + 20]:  # kernel, then dense path
         y = layer(x_all[:m])
         assert y.dtype == torch.float32 and tuple(y.shape) == (m, 80)
         err = (y.double() - ref_all[:m]).abs()
@@ -505,7 +580,7 @@ DIVERGES = pytest.mark.xfail(strict=False, reason=(
                                     pytest.param(6, marks=DIVERGES)],
                          ids=["short", "long", "printing-press"])
 def test_smollm_packed_cached_equals_uncached(smollm_packed, smollm_text, prompt):
-    """Short: every step under DENSE_FROM_ROWS rows. Long (the text's first 34 tokens): the
+    """Short: every step under DENSE_FROM_ROWS rows. Long (the text's first DENSE_FROM_ROWS + 2 tokens): the
     uncached recomputation takes the dense path, the cached decode the kernels.
     Printing-press: the text's first 6 tokens, "The history of the printing press"."""
     ids = smollm_packed.tokenizer.encode(prompt) if isinstance(prompt, str) else smollm_text[0][:prompt]
@@ -529,7 +604,7 @@ def test_smollm_packed_logits_are_not_rounded_to_bfloat16(smollm_packed, smollm_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("prompt_tokens", [6, 40], ids=["kernel", "dense"])
+@pytest.mark.parametrize("prompt_tokens", [6, DENSE_FROM_ROWS + 8], ids=["kernel", "dense"])
 def test_smollm_last_only_is_the_last_row(lucid_smollm, smollm_packed, smollm_text, prompt_tokens):
     tokens = torch.tensor([smollm_text[0][:prompt_tokens]])
     with torch.inference_mode():
@@ -537,7 +612,7 @@ def test_smollm_last_only_is_the_last_row(lucid_smollm, smollm_packed, smollm_te
         full, last = smollm_packed.model(tokens), smollm_packed.model(tokens, last_only=True)
     assert tuple(exact_last.shape) == tuple(last.shape) == (1, 1, full.shape[-1])
     torch.testing.assert_close(exact_last, exact_full[:, -1:], atol=1e-4, rtol=0)
-    # packed: the LM head sees 1 row (int8 kernel, bfloat16) against T rows (T >= 32: float32)
+    # packed: the LM head sees 1 row (int8 kernel, bfloat16) against T rows (T >= DENSE_FROM_ROWS: float32)
     if prompt_tokens < DENSE_FROM_ROWS:
         torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=0)
     else:

@@ -162,9 +162,10 @@ def load_gguf(path: str | Path, dtype: str = "float32", progress: bool = True) -
         model.lm_head.weight = model.embed_tokens.weight
     if dtype == "packed":
         fuse_projections(model, release_freed_memory)  # q/k/v, gate/up stacked: fewer, larger kernel calls
-        for module in model.modules():
-            if isinstance(module, Int4Linear):
-                module.pack()  # the int4 kernel's tiled copy, built once per (stacked) layer
+        for n, module in enumerate(m for m in model.modules() if isinstance(m, Int4Linear)):
+            module.pack()  # the int4 kernel's tiled copy, built once per (stacked) layer
+            if n % 16 == 15:
+                release_freed_memory()  # the packing's temporaries (4 bytes a weight) would pile up otherwise
     model.compute_dtype = matrix_dtype
     model.eval()
     gguf.close()  # every tensor has been copied out; drop the mapped pages of the file

@@ -34,11 +34,15 @@ demand for introspection (the logit lens, embedding maps), not for computing.
 
 from __future__ import annotations
 
+import functools
+import threading
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..errors import UnsupportedError
 
 GROUP = 32  # values sharing one scale and offset (the ggml block size)
 
@@ -46,20 +50,29 @@ GROUP = 32  # values sharing one scale and offset (the ggml block size)
 # number of 16-wide K tiles per pack, the value PyTorch's own int4 CPU path uses.
 _INNER_K_TILES = 2
 
-# With many rows (prefill) unpacking the weight to float32 and running a dense matmul beats
-# the int4 kernel, whose unpacking work is repeated for every block of rows (and bfloat16
-# dense matmuls are slow on this CPU build). bench/kernels.py, 2 threads: at M=1 int4 ≈
-# float32 from cache and 4x less memory traffic; at M=16 about equal; at M=512 float32 is 3x faster.
-DENSE_FROM_ROWS = 32
+# With many rows (a prefill) it pays to unpack the weight to float32 once per call and run a
+# dense float32 matmul, instead of the weight-only kernels, which redo their unpacking for
+# every block of rows (bfloat16 dense matmuls are no option: 5-10x slower than float32 on CPUs
+# without AVX-512 BF16). `python bench/kernels.py` (2 threads, SmolLM2's shapes; µs per call,
+# int4 kernel / unpack + float32): 64 rows 916 / 1492 (576x576), 2492 / 3152 (1536x576);
+# 128 rows 1879 / 1780, 5268 / 4218; 512 rows 6762 / 5691, 18799 / 9688.
+DENSE_FROM_ROWS = 128
 
 
 class Int4Linear(nn.Module):
     """y = x Wᵀ (+ b) with W (N, K) stored as 4-bit groups: W[n, g*32:(g+1)*32] = scale[n,g]*q + offset[n,g].
 
-    Two copies of the 4-bit values, 0.5 bytes per weight each: `packed`, in the tiled layout
-    the int4 kernel reads (fast for a few rows: decode), and `nibbles`, two values per byte
-    in row order, which unpack to a float32 matrix in a few vectorised ops (for many rows:
-    prefill, where a dense float32 matmul is 2-3x faster than the int4 kernel here).
+    One copy of the 4-bit values, 0.5 bytes per weight: `packed`, in the tiled layout the
+    int4 kernel reads (fast for a few rows: decode). For many rows (prefill) the same bytes
+    are unpacked to a float32 matrix, a slice of rows at a time into a reused buffer, for a
+    dense matmul (2-3x faster than the int4 kernel there). Until `pack()` (the loader stacks
+    layers first) the values wait in `nibbles`, two per byte in row order.
+
+    The kernel's layout (PyTorch 2.13's `_convert_weight_to_int4pack_for_cpu`; checked once
+    by `_check_packed_layout`): rows in blocks of 32, each block K * 16 bytes, byte
+    [block, k, j] holding W[32 block + j, k] in its low nibble and W[32 block + 16 + j, k] in
+    its high one; a last block of 16 rows (N % 32 == 16) is K * 8 bytes, byte [k, j] holding
+    rows 2j (low) and 2j + 1 (high).
     """
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bias: torch.Tensor | None = None,
@@ -70,8 +83,7 @@ class Int4Linear(nn.Module):
         self.out_features, self.in_features = q.shape
         if not self.fits(q.shape):
             raise ValueError(f"Int4Linear needs out_features % 16 == 0 and in_features % {GROUP} == 0, got {tuple(q.shape)}")
-        q = q.to(torch.uint8)
-        self.register_buffer("nibbles", q[:, 0::2] | (q[:, 1::2] << 4))  # (N, K/2): element 2j low, 2j+1 high
+        self.register_buffer("nibbles", _row_nibbles(q.to(torch.uint8)))
         # The kernel's dequantization is (q - 8) * scale + zero, so zero = offset + 8 * scale,
         # laid out (K/32, N, 2) as the kernel expects. (bfloat16 scales round the file's
         # float16 ones by up to 2^-8 relative; bench/quality.py measures the effect.)
@@ -84,10 +96,11 @@ class Int4Linear(nn.Module):
             self.pack()
 
     def pack(self) -> None:
-        """Build the kernel's tiled copy of the 4-bit values (if not built yet)."""
+        """Build the kernel's tiled copy of the 4-bit values (if not built yet) and drop the
+        row-order one."""
         if self.packed is None:
-            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-                self.values().to(torch.int32).contiguous(), _INNER_K_TILES)
+            _check_packed_layout()
+            self.packed, self.nibbles = _int4pack(self.values()), None
 
     @staticmethod
     def fits(shape: tuple[int, int]) -> bool:
@@ -108,20 +121,53 @@ class Int4Linear(nn.Module):
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
         fused.out_features, fused.in_features = sum(p.out_features for p in parts), K
-        fused.register_buffer("nibbles", torch.cat([p.nibbles for p in parts]))  # (N, K/2)
+        fused.register_buffer("nibbles", torch.cat([p.nibbles if p.packed is None else _row_nibbles(p.values())
+                                                    for p in parts]))  # (N, K/2)
         fused.register_buffer("scales_and_zeros", torch.cat([p.scales_and_zeros for p in parts], dim=1))  # (K/32, N, 2)
-        # The kernel's tiles span rows, so the parts' packed copies do not stack: `pack()`
-        # builds the fused one (the loader stacks unpacked parts, and packs once).
+        # The kernel's tiles span rows (and a last block of 16 is laid out apart), so the
+        # parts' packed copies do not stack: `pack()` builds the fused one (the loader stacks
+        # unpacked parts, and packs once).
         fused.register_buffer("packed", None)
         biases = [p.bias for p in parts]
         fused.register_buffer("bias", None if all(b is None for b in biases) else torch.cat(
             [torch.zeros(p.out_features) if b is None else b for p, b in zip(parts, biases)]))
         return fused
 
-    def values(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """The 4-bit values q (0..15) of rows [start, stop), (rows, K) uint8."""
-        nibbles = self.nibbles[start:stop]
-        return torch.stack([nibbles & 0x0F, nibbles >> 4], dim=-1).view(nibbles.shape[0], self.in_features)
+    def values(self) -> torch.Tensor:
+        """The 4-bit values q (0..15), (N, K) uint8."""
+        if self.packed is None:
+            return torch.stack([self.nibbles & 0x0F, self.nibbles >> 4], dim=-1).view(self.out_features, self.in_features)
+        codes = self._codes_t(0, self.out_features, torch.empty(self.in_features, self.out_features, dtype=torch.int8))
+        return (codes.t() + 8).to(torch.uint8)
+
+    def _codes_t(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """q - 8 (-8..7) of rows [start, stop) from `packed`, written transposed into `out`
+        (K, stop - start) (float32 or int8; the kernel's layout is in the class docstring).
+        start is a multiple of 32, stop too or N."""
+        K, blocks_end = self.in_features, self.out_features // 32 * 32
+        codes = self.packed.view(torch.uint8)
+        if start < min(stop, blocks_end):
+            end = min(stop, blocks_end)
+            blocks = codes[start:end].view((end - start) // 32, K, 16)  # byte [block, k, j]
+            rows = out[:, :end - start].view(K, (end - start) // 32, 2, 16)  # [k, block, low/high, j]
+            rows[:, :, 0].copy_((blocks & 0x0F).view(torch.int8).sub_(8).transpose(0, 1))
+            rows[:, :, 1].copy_((blocks >> 4).view(torch.int8).sub_(8).transpose(0, 1))
+        if stop > blocks_end:  # the last 16 rows: byte [k, j] holds rows 2j and 2j + 1
+            pairs = codes[blocks_end:].view(K, 8)
+            rows = out[:, blocks_end - start:].view(K, 8, 2)
+            rows[:, :, 0].copy_((pairs & 0x0F).view(torch.int8).sub_(8))
+            rows[:, :, 1].copy_((pairs >> 4).view(torch.int8).sub_(8))
+        return out
+
+    def _weight_t(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows [start, stop) of W transposed, (K, rows) float32 written into `out`: (q - 8) *
+        scale + zero with the kernel's bfloat16 scales and zeros, the numbers it computes with."""
+        self.pack()
+        wt = self._codes_t(start, stop, out.view(self.in_features, stop - start))
+        scale, zero = (t.contiguous() for t in self.scales_and_zeros[:, start:stop].float().unbind(-1))  # (K/32, rows)
+        groups = wt.view(self.in_features // GROUP, GROUP, stop - start)
+        groups.mul_(scale.unsqueeze(1)).add_(zero.unsqueeze(1))  # (contiguous scales: broadcasting strided ones is ~10x slower)
+        return wt
 
     @property
     def weight(self) -> torch.Tensor:
@@ -130,26 +176,95 @@ class Int4Linear(nn.Module):
         return self.weight_rows(0, self.out_features)
 
     def weight_rows(self, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of `weight`, decoding only those rows."""
-        N, K = stop - start, self.in_features
-        q = self.values(start, stop).view(N, K // GROUP, GROUP).float()
-        scale, zero = self.scales_and_zeros[:, start:stop].float().transpose(0, 1).unbind(-1)  # (N, K/32) each
-        return ((q - 8) * scale.unsqueeze(-1) + zero.unsqueeze(-1)).view(N, K)
+        """Rows [start, stop) of `weight`, decoding only the blocks of 32 rows that hold them."""
+        first, last = start // 32 * 32, min(-(-stop // 32) * 32, self.out_features)
+        wt = self._weight_t(first, last, torch.empty(self.in_features * (last - first)))
+        return wt.t()[start - first:stop - first].contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if x2.shape[0] >= DENSE_FROM_ROWS:
-            # The same numbers as the kernel (bfloat16 inputs, its scales), so that a prompt gives
-            # the same logits whether it is processed at once or token by token.
-            y = F.linear(x2.to(torch.bfloat16).float(), self.weight).to(torch.bfloat16)
-        else:
-            self.pack()  # no-op once packed (the loader packs every layer before returning)
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.packed, GROUP,
-                                                          self.scales_and_zeros)  # (M, N) bfloat16
+        self.pack()  # no-op once packed (the loader packs every layer before returning)
+        y = self.dense_matmul(x2) if x2.shape[0] >= DENSE_FROM_ROWS else self.kernel_matmul(x2)  # (M, N) bfloat16
         if self.bias is not None:
             y = y.float() + self.bias
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
+
+
+    def kernel_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """(M, K) -> (M, N) bfloat16 through the int4 kernel (no bias): the fast way for a few rows."""
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, GROUP, self.scales_and_zeros)
+
+    def dense_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """The same product as `kernel_matmul` (bfloat16 inputs, its scales), as float32 matmuls on
+        the unpacked weight: faster for many rows, and the same numbers, so that a prompt gives
+        the same logits whether it is processed at once or token by token."""
+        return _dense_matmul(x, self.out_features, lambda i, j, buffer: self._weight_t(i, j, buffer).t(), align=32)
+
+
+def _row_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) values 0..15 -> (N, K/2) bytes, element 2j in the low nibble, 2j + 1 in the high."""
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def _int4pack(q: torch.Tensor) -> torch.Tensor:
+    """The int4 kernel's tiled copy of (N, K) values 0..15."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), _INNER_K_TILES)
+
+
+@functools.cache
+def _check_packed_layout() -> None:
+    """Int4Linear reads the kernel's packed bytes itself (prefill, `.weight`): make sure this
+    PyTorch lays them out as it expects (48 rows: a block of 32 and a last block of 16)."""
+    q = torch.arange(48 * 64).remainder(13).view(48, 64).to(torch.uint8)  # no pattern of period 16
+    layer = Int4Linear(q, torch.ones(48, 2), torch.zeros(48, 2), pack=False)
+    layer.packed, layer.nibbles = _int4pack(q), None
+    if not torch.equal(layer.values(), q):
+        raise UnsupportedError(f"PyTorch {torch.__version__} packs int4 weights in a layout LucidLM cannot read; "
+                               "load with dtype='float32' (or 'bfloat16'), or use PyTorch 2.13")
+
+
+# Prefill's dense path decodes a weight to float32 on every call. It does so into one buffer
+# per thread, reused, rather than a fresh tensor: multi-megabyte blocks come fresh from the
+# system as zero-filled pages, and faulting those in cost more than the decoding (SmolLM2,
+# 512-token prompt: ~400 ms of ~1.6 s went to decoding weights into new memory), and layers
+# larger than DENSE_CHUNK weights (an LM head) go a slice of rows at a time, so the buffer
+# stays small (16 MiB; Gemma's head whole would be 671 MB).
+DENSE_CHUNK = 2**22
+
+
+class _DecodeBuffer(threading.local):
+    tensor = torch.empty(0)
+
+
+_DECODE_BUFFER = _DecodeBuffer()
+
+
+def _decode_buffer(numel: int) -> torch.Tensor:
+    # Fresh memory where autograd may keep the weight for a backward pass, or where the code
+    # is being traced (torch.compile).
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return torch.empty(numel)
+    if _DECODE_BUFFER.tensor.numel() < numel:
+        with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
+            _DECODE_BUFFER.tensor = torch.empty(numel)
+    return _DECODE_BUFFER.tensor[:numel]
+
+
+def _dense_matmul(x: torch.Tensor, out_features: int, weight_rows: Callable[[int, int, torch.Tensor], torch.Tensor],
+                  align: int) -> torch.Tensor:
+    """x (M, K) times Wᵀ as float32 matmuls on bfloat16-rounded x, bfloat16 out: the numbers
+    of the weight-only kernels, computed dense. weight_rows(start, stop, buffer) decodes rows
+    [start, stop) of W into the float32 buffer and returns them as a (rows, K) tensor (a view:
+    it may be stored transposed); slices start at multiples of `align`."""
+    K = x.shape[-1]
+    x32 = x.to(torch.bfloat16).float()
+    step = max(align, DENSE_CHUNK // K // align * align)
+    if step >= out_features:
+        return F.linear(x32, weight_rows(0, out_features, _decode_buffer(K * out_features))).to(torch.bfloat16)
+    slices = [(i, min(i + step, out_features)) for i in range(0, out_features, step)]
+    return torch.cat([F.linear(x32, weight_rows(i, j, _decode_buffer(K * (j - i)))).to(torch.bfloat16)
+                      for i, j in slices], dim=-1)
 
 
 def _int8_rows(shape: tuple[int, int], decode_rows) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,18 +318,24 @@ class Int8Linear(nn.Module):
 
     def weight_rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of `weight`."""
-        return self.q[start:stop].float() * self.scale[start:stop].float()[:, None]
+        return self._weight_rows_into(start, stop, torch.empty((stop - start) * self.in_features))
+
+    def kernel_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """(M, K) -> (M, N) bfloat16 through the int8 kernel."""
+        return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self.scale)
+
+    def dense_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """As `kernel_matmul`, as float32 matmuls on the decoded weight (see `Int4Linear.dense_matmul`)."""
+        return _dense_matmul(x, self.out_features, self._weight_rows_into, align=1)
+
+    def _weight_rows_into(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        rows = out.view(stop - start, self.in_features).copy_(self.q[start:stop])
+        return rows.mul_(self.scale[start:stop].float()[:, None])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if x2.shape[0] >= DENSE_FROM_ROWS:  # as Int4Linear: the kernel's numbers, dense
-            # A slice of output rows at a time: Gemma's LM head decoded whole would be 671 MB.
-            x32 = x2.to(torch.bfloat16).float()
-            y = torch.cat([F.linear(x32, self.weight_rows(i, i + 16384)).to(torch.bfloat16)
-                           for i in range(0, self.out_features, 16384)], dim=-1)
-        else:
-            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.q, self.scale)  # (M, N)
+        y = self.dense_matmul(x2) if x2.shape[0] >= DENSE_FROM_ROWS else self.kernel_matmul(x2)  # (M, N) bfloat16
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
 
 
