@@ -138,7 +138,7 @@ class Int4Linear(nn.Module):
         if self.packed is None:
             return torch.stack([self.nibbles & 0x0F, self.nibbles >> 4], dim=-1).view(self.out_features, self.in_features)
         codes = self._codes_t(0, self.out_features, torch.empty(self.in_features, self.out_features, dtype=torch.int8))
-        return (codes.t() + 8).to(torch.uint8)
+        return (codes.t() + 8).to(torch.uint8).contiguous()
 
     def _codes_t(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         """q - 8 (-8..7) of rows [start, stop) from `packed`, written transposed into `out`
@@ -189,7 +189,6 @@ class Int4Linear(nn.Module):
         if self.bias is not None:
             y = y.float() + self.bias
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
-
 
     def kernel_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """(M, K) -> (M, N) bfloat16 through the int4 kernel (no bias): the fast way for a few rows."""
