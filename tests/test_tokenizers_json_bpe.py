@@ -19,7 +19,7 @@ import pytest
 from tokenizer_checks import mismatches, stream
 from tokenizer_corpus import CORPUS
 
-from lucidlm.errors import ModelFileError, UnsupportedError
+from lucidlm.errors import InvalidArgumentError, ModelFileError, UnsupportedError
 from lucidlm.tokenizers import BPETokenizer, SentencePieceBPETokenizer, load_tokenizer
 from lucidlm.tokenizers.pretokenize import LLAMA3_PATTERN, QWEN2_PATTERN
 
@@ -351,3 +351,23 @@ def test_pre_tokenizer_steps_split_like_tokenizers(spec):
         if spec["type"] == "ByteLevel":  # the oracle also spells the bytes in the byte alphabet
             got = [word.encode("utf-8").decode("latin-1").translate(spell) for word in got]
         assert got == expected, text
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_ids_past_the_vocabulary_decode_as_nothing(pairs, name):
+    """A checkpoint may pad its LM head beyond the tokenizer (Phi-3: 32064 rows for 32011
+    tokens), so a model can emit an id the tokenizer lacks: it decodes to nothing, as the
+    `tokenizers` oracle decodes it, in `decode`, in a stream and as a piece; a negative id is
+    a clear error (a list would wrap it around to the last token)."""
+    ours, oracle = pairs[name]
+    V = ours.vocab_size
+    ids = ours.encode(TEXTS[5], add_special=False)
+    padded = [V + 3, *ids[:3], V, *ids[3:], V + 60]
+    assert ours.decode(padded) == oracle.decode(padded, skip_special_tokens=False)
+    assert ours.decode(padded, skip_special=True) == oracle.decode(padded, skip_special_tokens=True)
+    assert stream(ours, padded) == stream(ours, ids)
+    assert ours.token_bytes(V) == b"" and ours.id_to_piece(V + 1) == ""
+    with pytest.raises(InvalidArgumentError, match="token id -1 is negative"):
+        ours.decode([*ids[:2], -1])
+    with pytest.raises(InvalidArgumentError, match="negative"):
+        ours.token_bytes(-5)

@@ -15,6 +15,7 @@ from lucidlm.errors import UnsupportedError
 from lucidlm.tokenizers.byte_level import bytes_to_unicode, unicode_to_bytes
 from lucidlm.tokenizers.normalize import Normalizer
 from lucidlm.tokenizers.pretokenize import PreTokenizer, PreTokenizerPipeline, pre_tokenizer_for
+from lucidlm.tokenizers.vocab import vocabulary_entry
 from lucidlm.tokenizers.whole_tokens import WholeTokens
 
 # Values of `tokenizer.ggml.token_type` (llama.cpp's token attributes).
@@ -124,8 +125,9 @@ class BPETokenizer:
         return len(self._tokens)
 
     def id_to_piece(self, token_id: int) -> str:
-        """The token's vocabulary string, as stored (byte-level spelling, e.g. "Ġworld")."""
-        return self._tokens[token_id]
+        """The token's vocabulary string, as stored (byte-level spelling, e.g. "Ġworld");
+        "" for an id past the vocabulary (a model's padding rows, see `tokenizers.vocab`)."""
+        return vocabulary_entry(self._tokens, token_id, "")
 
     def piece_to_id(self, piece: str) -> int | None:
         """The id of a vocabulary string, or None if it is not in the vocabulary."""
@@ -136,8 +138,8 @@ class BPETokenizer:
         return token_id in self.special_ids
 
     def token_bytes(self, token_id: int) -> bytes:
-        """The bytes of text this token stands for."""
-        return self._token_bytes[token_id]
+        """The bytes of text this token stands for (none for an id past the vocabulary)."""
+        return vocabulary_entry(self._token_bytes, token_id, b"")
 
     # ----- encoding -----
 
@@ -213,7 +215,7 @@ class BPETokenizer:
         """The text for `ids`; bytes that do not form valid UTF-8 become U+FFFD."""
         if skip_special:
             ids = [i for i in ids if i not in self.special_ids]
-        return b"".join(self._token_bytes[i] for i in ids).decode("utf-8", errors="replace")
+        return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
 
     def _spelled_bytes(self, token_id: int, matched_whole: bool) -> bytes:
         text = self._tokens[token_id]

@@ -27,6 +27,7 @@ import regex
 from lucidlm.errors import UnsupportedError
 from lucidlm.tokenizers.merge import bpe_merge
 from lucidlm.tokenizers.normalize import Normalizer
+from lucidlm.tokenizers.vocab import vocabulary_entry
 from lucidlm.tokenizers.whole_tokens import WholeTokens
 
 # Values of `tokenizer.ggml.token_type` (llama.cpp's, after SentencePiece's piece types).
@@ -190,8 +191,9 @@ class SentencePieceBPETokenizer:
         return self.eos_id is not None and self.eos_id in self.suffix_ids
 
     def id_to_piece(self, token_id: int) -> str:
-        """The token's vocabulary string, as stored ("▁world", "<0xE6>", "<start_of_turn>")."""
-        return self._tokens[token_id]
+        """The token's vocabulary string, as stored ("▁world", "<0xE6>", "<start_of_turn>");
+        "" for an id past the vocabulary (a model's padding rows, see `tokenizers.vocab`)."""
+        return vocabulary_entry(self._tokens, token_id, "")
 
     def piece_to_id(self, piece: str) -> int | None:
         """The id of a vocabulary string, or None if it is not in the vocabulary."""
@@ -202,8 +204,9 @@ class SentencePieceBPETokenizer:
         return token_id in self.special_ids
 
     def token_bytes(self, token_id: int) -> bytes:
-        """The bytes of text this token stands for ("▁" as a space, `<0xNN>` as that byte)."""
-        return self._token_bytes[token_id]
+        """The bytes of text this token stands for ("▁" as a space, `<0xNN>` as that byte; none
+        for an id past the vocabulary)."""
+        return vocabulary_entry(self._token_bytes, token_id, b"")
 
     def _spelled_bytes(self, token_id: int) -> bytes:
         piece = self._tokens[token_id]
@@ -253,7 +256,7 @@ class SentencePieceBPETokenizer:
         """The text for `ids`; bytes that do not form valid UTF-8 become U+FFFD."""
         if skip_special:
             ids = [i for i in ids if i not in self.special_ids]
-        text = b"".join(self._token_bytes[i] for i in ids).decode("utf-8", errors="replace")
+        text = b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
         if self._strip_leading_space and text.startswith(" "):
             text = text[1:]
         return text
