@@ -38,7 +38,7 @@ from torch import nn
 from .cuda_graphs import GraphedDecode
 from .introspect.hook_point import HookPoint
 from .models.layers import model_device
-from .models.packed import fuse_projections
+from .models.fusion import fuse_projections
 
 # Dynamo re-checks, before every call of a compiled graph, the assumptions it traced under
 # ("guards"). On a 30-layer model that is thousands of checks (~0.7 ms per step). Guards of
@@ -158,7 +158,7 @@ def warm_up(model: nn.Module, batch_sizes=(1, 2)) -> None:
 def compile_decode(model: nn.Module, progress: bool = True, inductor: bool = True) -> CompiledDecode:
     """Make `model`'s decode steps run through torch.compile, and on a GPU through CUDA graphs
     (see the module docstring); `inductor=False`: CUDA graphs only. On a GPU this also stacks
-    the q/k/v and gate/up weights (`packed.fuse_projections`; the old names stay, as views).
+    the q/k/v and gate/up weights (`fusion.fuse_projections`; the old names stay, as views).
 
     Compilation itself happens at the first decode step. Returns the installed `CompiledDecode`
     (its `state` says whether compilation succeeded).

@@ -1,4 +1,4 @@
-"""Fused projections on the packed path (`models.packed.fuse_projections`): q/k/v stacked into
+"""Fused projections on the packed path (`models.fusion.fuse_projections`): q/k/v stacked into
 one `qkv_proj`, gate/up into one `gate_up_proj`, the old names kept as `RowSlice` views.
 
 The references are the unfused model, loaded by the same loader with fusion switched off
@@ -19,7 +19,8 @@ import lucidlm
 import lucidlm.loading.load as load_module
 from lucidlm.generate import generate_tokens
 from lucidlm.introspect.architecture import describe
-from lucidlm.models.packed import DENSE_FROM_ROWS, GROUP, Int4Linear, Int8Linear, RowSlice, fuse_projections
+from lucidlm.models.fusion import RowSlice, fuse_projections
+from lucidlm.models.packed import DENSE_FROM_ROWS, GROUP, Int4Linear, Int8Linear
 from lucidlm.sampling import SamplingParams, make_sampler
 from prompts import PASSAGE
 

@@ -6,7 +6,7 @@ from collections import defaultdict
 from dataclasses import asdict
 
 from ..loading.quants import GGML_TYPES
-from ..models.packed import fused_layer_names, packed_weight_sizes
+from ..models.fusion import fused_layer_names, packed_weight_sizes
 from .hook_point import HOOK_SITES, hook_sites
 
 _GGML_BY_NAME = {t.name: t for t in GGML_TYPES.values()}

@@ -30,7 +30,8 @@ import torch
 from ..errors import ModelFileError, UnsupportedError
 from ..models.gemma3 import Gemma3
 from ..models.llama import Llama
-from ..models.packed import Int4Linear, Int8Linear, Q8Embedding, fuse_projections
+from ..models.fusion import fuse_projections
+from ..models.packed import Int4Linear, Int8Linear, Q8Embedding
 from ..progress import Progress
 from ..tokenizers import BPETokenizer
 from ..tokenizers.registry import tokenizer_from_gguf_metadata

@@ -223,13 +223,13 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return weights @ v, weights
 
 
-# Packed models (`models.packed.fuse_projections`) stack the projections that read the same
+# Packed models (`models.fusion.fuse_projections`) stack the projections that read the same
 # input into one layer: q, k, v into `qkv_proj` (rows [q | k | v]), gate and up into
 # `gate_up_proj` (rows [gate | up]). A batch-1 decode step is many small matmuls, each paying
 # for a kernel call and for converting its input and output to and from bfloat16; one call in
 # place of three (and of two) does the same arithmetic, bit for bit, in less time (SmolLM2
 # decode: 1.2x with 2 threads, 1.04x with 1). The old names stay, as views of the fused rows
-# (`packed.RowSlice`). Other models leave the fused attributes None: the separate layers compute.
+# (`fusion.RowSlice`). Other models leave the fused attributes None: the separate layers compute.
 
 def project_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (B, T, C) -> q (B, T, H*D), k (B, T, H_kv*D), v (B, T, H_kv*D), through `attn.qkv_proj` when set."""

@@ -69,7 +69,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
-        # Packed models: q, k, v stacked into one layer, rows [q | k | v] (`models.packed.fuse_projections`;
+        # Packed models: q, k, v stacked into one layer, rows [q | k | v] (`models.fusion.fuse_projections`;
         # q_proj, k_proj, v_proj then view its rows). None: the three layers compute.
         self.qkv_proj: nn.Module | None = None
         self.explicit = False  # True: materialise attention weights (see scaled_dot_product_attention)
