@@ -31,22 +31,24 @@ PROMPT = [5, 17, 33, 2, 90, 41]
 CONTINUATION = [7, 7, 60, 12, 88, 3, 19, 50, 1, 64]
 
 
+def _count_calls(monkeypatch, method: str) -> list:
+    """A list that grows by one at each call of DecodeGraph.<method>."""
+    counted = []
+    original = getattr(DecodeGraph, method)
+    monkeypatch.setattr(DecodeGraph, method, lambda self, *a: counted.append(1) or original(self, *a))
+    return counted
+
+
 @pytest.fixture
 def replays(monkeypatch):
     """Counts graph replays."""
-    counted = []
-    original = DecodeGraph.replay
-    monkeypatch.setattr(DecodeGraph, "replay", lambda self, *a: counted.append(1) or original(self, *a))
-    return counted
+    return _count_calls(monkeypatch, "replay")
 
 
 @pytest.fixture
 def captures(monkeypatch):
-    """Counts graph captures."""
-    counted = []
-    original = DecodeGraph.__init__
-    monkeypatch.setattr(DecodeGraph, "__init__", lambda self, *a: counted.append(1) or original(self, *a))
-    return counted
+    """Counts graph captures (a DecodeGraph captures as it is made)."""
+    return _count_calls(monkeypatch, "__init__")
 
 
 @pytest.fixture(scope="module")
