@@ -7,7 +7,9 @@ Every measurement runs in a fresh process (`peers.py worker ...`), so load time 
 belong to one engine alone; the engines take turns within each round (interleaved), so slow
 drifts of a noisy machine hit them all alike. Reported: medians over rounds.
 
-What each engine does, all with the same token ids (the GGUF's own vocabulary) and threads:
+What each engine does, all with the same token ids (the GGUF's own vocabulary, made once by the
+parent process and handed to the workers in a file, so that no worker's peak RSS holds a tokenizer
+it built only for the harness) and threads:
     prefill   one forward pass over a 128- and a 512-token prompt into an empty KV cache, logits
               for the last position only (what generation needs)
     decode    128 greedy tokens after a 128-token prompt, KV cache, no stop token; tokens/s from
@@ -32,6 +34,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -64,14 +67,14 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def worker(engine: str, model_name: str, threads: int) -> dict:
+def worker(engine: str, model_name: str, threads: int, prompts_file: Path) -> dict:
     import torch
 
     torch.set_num_threads(threads)
     from lucidlm.loading.catalogue import resolve
 
     path = resolve(model_name)
-    prompts = {n: prompt_ids(model_name, n) for n in PROMPT_LENGTHS}
+    prompts = {int(n): ids for n, ids in json.loads(prompts_file.read_text()).items()}
     result = {"engine": engine, "model": model_name}
 
     if engine.startswith("lucid"):
@@ -155,8 +158,9 @@ def worker(engine: str, model_name: str, threads: int) -> dict:
 
 # ----- the interleaved rounds and the table -----
 
-def run_worker(engine: str, model: str, threads: int) -> dict | None:
-    cmd = [sys.executable, __file__, "worker", "--engine", engine, "--model", model, "--threads", str(threads)]
+def run_worker(engine: str, model: str, threads: int, prompts_file: Path) -> dict | None:
+    cmd = [sys.executable, __file__, "worker", "--engine", engine, "--model", model, "--threads", str(threads),
+           "--prompts", str(prompts_file)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -240,6 +244,7 @@ def main() -> None:
     w.add_argument("--engine", choices=ENGINES, required=True)
     w.add_argument("--model", required=True)
     w.add_argument("--threads", type=int, default=2)
+    w.add_argument("--prompts", type=Path, required=True, help="JSON: prompt length -> token ids")
     parser.add_argument("--runs", type=int, default=3, help="rounds; medians are reported")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -247,17 +252,22 @@ def main() -> None:
     parser.add_argument("--write", type=Path, default=None, help="markdown file to put the table in")
     args = parser.parse_args()
     if args.command == "worker":
-        print(json.dumps(worker(args.engine, args.model, args.threads)))
+        print(json.dumps(worker(args.engine, args.model, args.threads, args.prompts)))
         return
 
     results: dict[tuple[str, str], list[dict]] = {}
-    for round_index in range(args.runs):
+    with tempfile.TemporaryDirectory() as scratch:
+        prompt_files = {}
         for model in args.models:
-            for engine in args.engines:
-                print(f"round {round_index + 1}/{args.runs}: {engine} on {model}", file=sys.stderr, flush=True)
-                r = run_worker(engine, MODELS[model], args.threads)
-                if r is not None:
-                    results.setdefault((model, engine), []).append(r)
+            prompt_files[model] = Path(scratch) / f"{model}.json"
+            prompt_files[model].write_text(json.dumps({n: prompt_ids(MODELS[model], n) for n in PROMPT_LENGTHS}))
+        for round_index in range(args.runs):
+            for model in args.models:
+                for engine in args.engines:
+                    print(f"round {round_index + 1}/{args.runs}: {engine} on {model}", file=sys.stderr, flush=True)
+                    r = run_worker(engine, MODELS[model], args.threads, prompt_files[model])
+                    if r is not None:
+                        results.setdefault((model, engine), []).append(r)
     summary = {key: medians(rs) for key, rs in results.items()}
     command = "python bench/peers.py " + " ".join(sys.argv[1:])
     body = (f"Command: `{command}` (from `make bench-peers`), {args.threads} threads, medians of {args.runs} "

@@ -1,6 +1,6 @@
 """The packed CPU path (`lucidlm.models.packed`, `load(..., dtype="packed")`) against outside oracles.
 
-- Decoding (`affine_4bit`, `q8_0_parts`, the torch Q4_K decoder): the `gguf` package's
+- Decoding (`affine_4bit`, Q8Embedding's Q8_0 blocks, the torch Q4_K decoder): the `gguf` package's
   numpy reference `gguf.quants.dequantize`, bit for bit, on random blocks (every bit
   pattern is a valid block once its float16 scales are finite) and on blocks made by
   `gguf.quants.quantize`.
@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import subprocess
 import sys
@@ -34,7 +35,7 @@ from gguf.constants import GGML_QUANT_SIZES
 import lucidlm
 from lucidlm.errors import InvalidArgumentError, UnsupportedError
 from lucidlm.generate import generate_tokens
-from lucidlm.loading.quants import affine_4bit, dequantize, q8_0_parts
+from lucidlm.loading.quants import affine_4bit, dequantize
 from lucidlm.models.packed import DENSE_FROM_ROWS, GROUP, Int4Linear, Int8Linear, Q8Embedding
 from lucidlm.sampling import SamplingParams, make_sampler
 from prompts import PASSAGE
@@ -114,7 +115,8 @@ def test_q4_k_dequantize_equals_gguf(shape):
 
 
 @pytest.mark.parametrize("made_by_gguf", [False, True], ids=["random", "quantized"])
-def test_q8_0_parts_equal_gguf_dequantize(made_by_gguf):
+def test_q8_embedding_decodes_the_file_blocks_as_gguf_does(made_by_gguf):
+    """Q8Embedding reads the file's Q8_0 bytes as they are (float16 scale, 32 int8 values)."""
     N, K = 20, 256
     rng = np.random.default_rng(3)
     if made_by_gguf:
@@ -122,11 +124,11 @@ def test_q8_0_parts_equal_gguf_dequantize(made_by_gguf):
         raw = np.ascontiguousarray(gguf.quants.quantize(data, T.Q8_0)).reshape(-1)
     else:
         raw = _random_blocks("Q8_0", N * K // 32, rng).reshape(-1)
-    q, scale = q8_0_parts(raw, (N, K))
-    assert q.dtype == torch.int8 and tuple(q.shape) == (N, K)
-    assert scale.dtype == torch.float32 and tuple(scale.shape) == (N, K // 32)
-    ours = (q.float().view(N, K // 32, 32) * scale.unsqueeze(-1)).view(N, K)
-    assert torch.equal(ours, _gguf_matrix(raw, "Q8_0", (N, K)))
+    table = Q8Embedding(torch.from_numpy(raw.copy()), (N, K))
+    assert table.blocks.dtype == torch.uint8 and table.blocks.numel() == raw.size  # the bytes, not decoded
+    assert torch.equal(table.weight, _gguf_matrix(raw, "Q8_0", (N, K)))
+    with pytest.raises(ValueError, match="not a Q8_0 table"):
+        Q8Embedding(torch.from_numpy(raw[:-34].copy()), (N, K))
 
 
 def test_affine_4bit_rejects_other_types():
@@ -203,8 +205,9 @@ def test_int4_weight_is_the_file_matrix(type_name, made_by_gguf):
 
 def test_int4_exact_when_scales_are_bfloat16_numbers():
     """Scales 2^e and offsets scale * (-120..120): scale, offset and zero = offset + 8 scale are
-    all bfloat16 numbers, so the kernel's weights are exactly q * scale + offset, and the only
-    errors left are the rounding of x and of the output to bfloat16."""
+    all bfloat16 numbers, so the layer's weights are exactly q * scale + offset. The kernel (few
+    rows) rounds x and its output to bfloat16: no other error. The dense path (many rows)
+    computes in float32 throughout: only float32 accumulation error."""
     N, K = 32, 256
     g = torch.Generator().manual_seed(0)
     q = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
@@ -215,10 +218,12 @@ def test_int4_exact_when_scales_are_bfloat16_numbers():
     assert torch.equal(layer.weight, W)
     for m in (1, 7, DENSE_FROM_ROWS - 1, DENSE_FROM_ROWS, 50):
         x = _inputs(m, K, seed=m)
-        exact = x.bfloat16().double() @ W.double().T  # float64: no accumulation error to speak of
+        kernel = m < DENSE_FROM_ROWS
+        exact = (x.bfloat16() if kernel else x).double() @ W.double().T  # float64: no accumulation error to speak of
         accumulation = K * 2.0**-24 * (x.double().abs() @ W.double().abs().T)
         err = (layer(x).double() - exact).abs()
-        assert (err <= U_BF16 * (exact.abs() + accumulation) + accumulation).all(), m
+        output_rounding = U_BF16 if kernel else 2.0**-24
+        assert (err <= output_rounding * (exact.abs() + accumulation) + accumulation).all(), m
 
 
 @pytest.mark.parametrize(("type_name", "made_by_gguf", "bias"), LAYER_CASES, ids=LAYER_IDS)
@@ -252,8 +257,8 @@ def test_int4_dense_path_within_bfloat16_bound(type_name, made_by_gguf, bias):
 @pytest.mark.parametrize(("type_name", "made_by_gguf"), [("Q4_1", True), ("Q4_K", False)], ids=["q4_1", "q4_k"])
 def test_int4_paths_agree(type_name, made_by_gguf):
     """The same rows through the kernel (in chunks below the threshold) and through the dense
-    path: the same weights and bfloat16 inputs, so they differ only by float32 summation order
-    and where that moves the output across a bfloat16 rounding boundary (one bfloat16 step)."""
+    path: the same weights; they differ by the kernel's rounding of x to bfloat16 (at most
+    u |x| each), of its output (one bfloat16 step) and by float32 summation order."""
     layer, W, _, _ = _int4_case(type_name, made_by_gguf)
     x = _inputs(2 * DENSE_FROM_ROWS, W.shape[1], seed=9)
     dense = layer(x).double()
@@ -261,7 +266,8 @@ def test_int4_paths_agree(type_name, made_by_gguf):
     w = layer.weight.double()  # the weights both paths multiply with
     accumulation = 2 * W.shape[1] * 2.0**-24 * (x.bfloat16().double().abs() @ w.abs().T)
     one_step = 2 * U_BF16 * torch.maximum(dense.abs(), kernel.abs())  # a bfloat16 ulp is <= 2u |y|
-    assert ((dense - kernel).abs() <= one_step + accumulation * 1.01).all()
+    input_rounding = U_BF16 * (x.double().abs() @ w.abs().T)
+    assert ((dense - kernel).abs() <= one_step + input_rounding + accumulation * 1.01).all()
 
 
 @pytest.mark.parametrize("lead", [(2, 5), (3, 20), (1, 1)], ids=["kernel-10-rows", "dense-60-rows", "one-row"])
@@ -431,7 +437,7 @@ def q8_table():
     """A random Q8_0 table (V, C) as raw bytes, the packed embedding and gguf's decoding."""
     V, C = 300, 128
     raw = _random_blocks("Q8_0", V * C // 32, np.random.default_rng(21)).reshape(-1)
-    return Q8Embedding(*q8_0_parts(raw, (V, C))), _gguf_matrix(raw, "Q8_0", (V, C))
+    return Q8Embedding(torch.from_numpy(raw.copy()), (V, C)), _gguf_matrix(raw, "Q8_0", (V, C))
 
 
 def test_q8_embedding_lookup_is_exact(q8_table):
@@ -538,6 +544,52 @@ def test_smollm_packed_modules(smollm_packed, lucid_smollm):
         assert (ours - exact).norm() <= U_BF16 * exact.norm(), name
         assert F.cosine_similarity(ours, exact, dim=1).min() > 1 - 1e-4, name  # no row out of place
     assert torch.equal(model.embed_tokens.weight, lucid_smollm.model.embed_tokens.weight)
+
+
+def _file_mappings(path: Path) -> dict[int, tuple[int, int, int]]:
+    """This process's mappings of `path` (Linux /proc/self/smaps): start -> (end, size KiB, resident KiB)."""
+    mappings, current = {}, None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if not fields[0].endswith(":"):  # a mapping's header: "start-end perms offset dev inode [path]"
+                current = None
+                if fields[-1] == str(path):
+                    start, end = (int(a, 16) for a in fields[0].split("-"))
+                    current = mappings[start] = [end, 0, 0]
+            elif current is not None and fields[0] in ("Size:", "Rss:"):
+                current[1 if fields[0] == "Size:" else 2] = int(fields[1])
+    return {start: tuple(v) for start, v in mappings.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
+def test_smollm_embedding_table_stays_in_the_file(smollm_path):
+    """The Q8_0 embedding table (28.7 MiB) is a view of the GGUF file, mapped, not a copy: after
+    loading none of it is resident (building the tied LM head read it through a mapping of its
+    own, gone with it), and a lookup brings in only the pages around its rows."""
+    path = smollm_path.resolve()
+    before = _file_mappings(path)
+    model = lucidlm.load(str(smollm_path), progress=False, dtype="packed").model
+    table = model.embed_tokens.blocks
+    new = {start: v for start, v in _file_mappings(path).items() if start not in before}
+    assert len(new) == 1, new  # one mapping left by the load: the table's
+    (start, (end, size_kib, resident_kib)), = new.items()
+    assert start <= table.data_ptr() and table.data_ptr() + table.numel() <= end
+    assert size_kib * 1024 >= table.numel() == 49152 * 18 * 34
+    assert resident_kib == 0
+    ids = torch.tensor([[0, 20000, 49151]])
+    with torch.inference_mode():
+        assert torch.equal(model.embed_tokens(ids), model.embed_tokens.weight[ids])  # .weight reads every row
+    del model, table
+    gc.collect()
+    assert set(_file_mappings(path)) == set(before)  # the mapping goes with the model
+
+    model = lucidlm.load(str(smollm_path), progress=False, dtype="packed").model
+    with torch.inference_mode():
+        model.embed_tokens(ids)
+    (_, _, resident_kib), = [v for start, v in _file_mappings(path).items() if start not in before]
+    assert 0 < resident_kib <= 1024  # 3 rows of 612 bytes, and their neighbours (the OS maps pages in groups)
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..errors import ModelFileError
 from .quants import GGML_TYPES, tensor_nbytes
@@ -239,6 +240,23 @@ class GGUFFile:
         """The tensor's encoded bytes as a read-only uint8 view of the mapped file."""
         info = self.tensors[name]
         return np.frombuffer(self._mmap, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+
+    def map_tensor(self, name: str) -> torch.Tensor:
+        """The tensor's encoded bytes as a uint8 tensor over a mapping of the file of its own: no
+        copy, and nothing read until used. Pages count towards the process's memory only once
+        touched, so a table read a few rows at a time (an embedding) stays mostly on disk or in
+        the OS page cache. The mapping lives as long as the tensor does (`close` leaves it) and is
+        private (copy-on-write): writes would never reach the file. The file must not shrink while
+        it is mapped (reading a page past a truncated end kills the process: SIGBUS)."""
+        info = self.tensors[name]
+        start = info.offset // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+        with open(self.path, "rb") as f:
+            mapping = mmap.mmap(f.fileno(), info.offset + info.nbytes - start, access=mmap.ACCESS_COPY, offset=start)
+        try:  # rows are read in no order: no read-ahead of neighbouring pages into memory
+            mapping.madvise(mmap.MADV_RANDOM)
+        except (AttributeError, OSError):  # no madvise (Windows)
+            pass
+        return torch.frombuffer(mapping, dtype=torch.uint8, count=info.nbytes, offset=info.offset - start)
 
     @property
     def architecture(self) -> str:

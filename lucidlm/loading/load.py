@@ -12,9 +12,10 @@ Three ways to hold the weights (`dtype`):
     "bfloat16"  dense bfloat16 weights and activations (half the memory, AVX-512 BF16 speed).
     "packed"    4-bit matrices (Q4_0/Q4_1/Q4_K) stay 4-bit (`models.packed.Int4Linear`: the
                 4-bit values exact, scales in bfloat16), the Q8_0 embedding table stays
-                Q8_0 (`Q8Embedding`, exact lookups), other quantized matrices (Q5_0, Q6_K,
-                Q8_0, a tied LM head) become int8 per row (`Int8Linear`); activations and
-                KV cache stay float32, matmul inputs and outputs are rounded to bfloat16.
+                Q8_0, read from the mapped file row by row (`Q8Embedding`, exact lookups),
+                other quantized matrices (Q5_0, Q6_K, Q8_0, a tied LM head) become int8
+                per row (`Int8Linear`); activations and KV cache stay float32; the
+                kernels of a few rows (decode) take and give bfloat16.
                 The fastest on CPU and the smallest in memory; `bench/quality.py` measures
                 what it changes in the next-token distribution (less than llama.cpp).
 """
@@ -38,7 +39,7 @@ from ..tokenizers.registry import tokenizer_from_gguf_metadata
 from .gguf import GGUFFile
 from .gguf_gemma3 import GEMMA3_TENSOR_NAMES, gemma3_config, gemma3_fix_up
 from .gguf_llama import LLAMA_TENSOR_NAMES, expand_layer_names, llama_config, llama_fix_up
-from .quants import AFFINE_4BIT_TYPES, affine_4bit, check_supported, dequantize, q8_0_parts
+from .quants import AFFINE_4BIT_TYPES, affine_4bit, check_supported, dequantize
 
 # general.architecture -> (config builder, model class, name table, fix-up)
 GGUF_ARCHITECTURES = {
@@ -135,10 +136,11 @@ def load_gguf(path: str | Path, dtype: str = "float32", progress: bool = True) -
             q, scale, offset = (fix_up(ours, t, cfg) for t in decode(g, affine_4bit, info.ggml_type, info.shape, g))
             packed[module_name] = Int4Linear(q, scale, offset, pack=False)  # packed below, after stacking
         elif dtype == "packed" and ours == "embed_tokens.weight" and info.type_name == "Q8_0":
-            # The fix-ups never touch embedding tables, so the raw Q8_0 blocks are the table.
-            packed["embed_tokens"] = Q8Embedding(*decode(g, q8_0_parts, info.shape))
-            if cfg.tie_embeddings:
-                packed["lm_head"] = packed["embed_tokens"].as_int8_linear()
+            # The fix-ups never touch embedding tables, so the file's Q8_0 blocks are the table; it
+            # stays in the file, memory-mapped, and only the rows looked up are ever read.
+            packed["embed_tokens"] = Q8Embedding(gguf.map_tensor(g), info.shape)
+            if cfg.tie_embeddings:  # reads every row once, through a mapping that goes with it
+                packed["lm_head"] = Q8Embedding(gguf.map_tensor(g), info.shape).as_int8_linear()
         else:
             tensor = fix_up(ours, decode(g, dequantize, info.ggml_type, info.shape, g), cfg)
             if dtype == "packed" and is_linear and info.type_name not in ("F32", "F16", "BF16"):

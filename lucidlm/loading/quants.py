@@ -231,14 +231,6 @@ def _q8_0_fields(blocks: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
     return blocks[:, 2:34].view(np.int8), _f16(blocks, 0)
 
 
-def q8_0_parts(raw: np.ndarray, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A Q8_0 matrix (N, K) as its int8 values (N, K) and per-32 scales (N, K/32) float32."""
-    N, K = shape
-    q, d = _q8_0_fields(_blocks(raw, 34))
-    q = np.ascontiguousarray(q)  # the one copy, straight from the file
-    return torch.from_numpy(q).reshape(N, K), d.reshape(N, K // 32)
-
-
 def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...], name: str = "tensor") -> torch.Tensor:
     """Decode a tensor's encoded bytes `raw` (uint8) into a float32 tensor of PyTorch `shape`."""
     check_supported(ggml_type, name)

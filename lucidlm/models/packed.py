@@ -16,18 +16,22 @@ which unpack the weights inside the matrix multiply:
                  -127..127. Used for a Q8_0 LM head (tied to the embedding), re-quantized
                  per row: a small loss, measured by bench/quality.py.
                  Kernel: torch._weight_int8pack_mm.
-    Q8Embedding  the Q8_0 embedding table as stored (int8, a scale per 32): exact lookups.
+    Q8Embedding  the Q8_0 embedding table as stored (int8, a scale per 32), left in the
+                 memory-mapped file: exact lookups, and only the rows looked up are read.
 
 `models.fusion.fuse_projections` then stacks the projections that read the same input (q, k, v;
 gate, up) into one Int4Linear or Int8Linear each, for fewer, larger kernel calls; the old names
 stay, as `RowSlice` views of the fused rows.
 
-Activations enter these kernels in bfloat16 (the CPU kernels require it) and their results
-come out rounded to bfloat16 (8 significant bits: logits of 16-32 are resolved to 0.125),
-then continue in the caller's dtype: the model's activations, residual stream and KV cache
-stay float32 (on CPUs without AVX-512 BF16, such as ours, bfloat16 elementwise work and
-matmuls are slower than float32). `bench/quality.py` measures the total effect; use
-dtype="float32" where exact log-probabilities matter. Both modules look like nn.Linear from outside: `in_features`,
+Activations enter these kernels in bfloat16 (the CPU kernels require it: given float32 they
+run a reference loop ~10x slower) and their results come out rounded to bfloat16 (8 significant
+bits: logits of 16-32 are resolved to 0.125), then continue in the caller's dtype: the model's
+activations, residual stream and KV cache stay float32 (on CPUs without AVX-512 BF16, such as
+ours, bfloat16 elementwise work and matmuls are slower than float32). Many rows at once (a
+prefill) take the dense path instead, float32 throughout on the decoded weights: no rounding
+of x or of the result, so a prompt's logits come out closer to the exact ones than a decode
+step's. `bench/quality.py` measures the total effect; use dtype="float32" where exact
+log-probabilities matter. Both modules look like nn.Linear from outside: `in_features`,
 `out_features`, `forward(x)`, and a `weight` property that rebuilds the float32 matrix on
 demand for introspection (the logit lens, embedding maps), not for computing.
 """
@@ -185,7 +189,7 @@ class Int4Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         self.pack()  # no-op once packed (the loader packs every layer before returning)
-        y = self.dense_matmul(x2) if x2.shape[0] >= DENSE_FROM_ROWS else self.kernel_matmul(x2)  # (M, N) bfloat16
+        y = self.dense_matmul(x2) if x2.shape[0] >= DENSE_FROM_ROWS else self.kernel_matmul(x2)  # (M, N)
         if self.bias is not None:
             y = y.float() + self.bias
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
@@ -195,9 +199,9 @@ class Int4Linear(nn.Module):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, GROUP, self.scales_and_zeros)
 
     def dense_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """The same product as `kernel_matmul` (bfloat16 inputs, its scales), as float32 matmuls on
-        the unpacked weight: faster for many rows, and the same numbers, so that a prompt gives
-        the same logits whether it is processed at once or token by token."""
+        """(M, K) -> (M, N) float32: the product `kernel_matmul` computes (the same weights: its
+        bfloat16 scales), as float32 matmuls on the unpacked weight, faster for many rows. Neither x
+        nor the result is rounded to bfloat16, so it is the more exact of the two."""
         return _dense_matmul(x, self.out_features, lambda i, j, buffer: self._weight_t(i, j, buffer).t(), align=32)
 
 
@@ -252,17 +256,17 @@ def _decode_buffer(numel: int) -> torch.Tensor:
 
 def _dense_matmul(x: torch.Tensor, out_features: int, weight_rows: Callable[[int, int, torch.Tensor], torch.Tensor],
                   align: int) -> torch.Tensor:
-    """x (M, K) times Wᵀ as float32 matmuls on bfloat16-rounded x, bfloat16 out: the numbers
-    of the weight-only kernels, computed dense. weight_rows(start, stop, buffer) decodes rows
+    """x (M, K) times Wᵀ as float32 matmuls, float32 out, on the weight the kernels multiply
+    with, decoded to float32. weight_rows(start, stop, buffer) decodes rows
     [start, stop) of W into the float32 buffer and returns them as a (rows, K) tensor (a view:
     it may be stored transposed); slices start at multiples of `align`."""
     K = x.shape[-1]
-    x32 = x.to(torch.bfloat16).float()
+    x32 = x.float()
     step = max(align, DENSE_CHUNK // K // align * align)
     if step >= out_features:
-        return F.linear(x32, weight_rows(0, out_features, _decode_buffer(K * out_features))).to(torch.bfloat16)
+        return F.linear(x32, weight_rows(0, out_features, _decode_buffer(K * out_features)))
     slices = [(i, min(i + step, out_features)) for i in range(0, out_features, step)]
-    return torch.cat([F.linear(x32, weight_rows(i, j, _decode_buffer(K * (j - i)))).to(torch.bfloat16)
+    return torch.cat([F.linear(x32, weight_rows(i, j, _decode_buffer(K * (j - i))))
                       for i, j in slices], dim=-1)
 
 
@@ -324,7 +328,7 @@ class Int8Linear(nn.Module):
         return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self.scale)
 
     def dense_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """As `kernel_matmul`, as float32 matmuls on the decoded weight (see `Int4Linear.dense_matmul`)."""
+        """As `kernel_matmul`, as float32 matmuls on the decoded weight, float32 out (see `Int4Linear.dense_matmul`)."""
         return _dense_matmul(x, self.out_features, self._weight_rows_into, align=1)
 
     def _weight_rows_into(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
@@ -334,24 +338,30 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        y = self.dense_matmul(x2) if x2.shape[0] >= DENSE_FROM_ROWS else self.kernel_matmul(x2)  # (M, N) bfloat16
+        y = self.dense_matmul(x2) if x2.shape[0] >= DENSE_FROM_ROWS else self.kernel_matmul(x2)  # (M, N)
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
 
 
 class Q8Embedding(nn.Module):
-    """An embedding table kept in its Q8_0 form: int8 values with one scale per 32 (exact).
+    """An embedding table kept in its Q8_0 form, the file's own bytes: blocks of 32 int8 values
+    after a float16 scale, 34 bytes, C/32 blocks a row. Lookups decode only the rows asked for
+    (exactly: value = scale * q).
 
-    Looking up T rows decodes only those rows, so the table costs ~1.06 bytes per weight
-    instead of 4. (The tied LM head, which reads every row each step, uses an `Int8Linear`
-    copy instead, because the int8 kernel takes one scale per row.)
+    The loader passes a memory-mapped view of the GGUF file (`GGUFFile.map_tensor`), so the table
+    is not in memory at all: the OS reads the few pages a lookup touches (Gemma 3's table is
+    170 MiB, of which a prompt reads a few hundred rows). The tied LM head, which reads every row
+    each step, is a separate `Int8Linear` (the int8 kernel takes one scale per row).
     """
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
-        """q: (V, C) int8; scale: (V, C/32) float."""
+    BLOCK_BYTES = 2 + GROUP  # float16 scale, then 32 int8 values
+
+    def __init__(self, blocks: torch.Tensor, shape: tuple[int, int]):
+        """blocks: the table's Q8_0 bytes, uint8, (V * C/32 * 34,) or (V, C/32 * 34); shape: (V, C)."""
         super().__init__()
-        self.num_embeddings, self.dim = q.shape
-        self.register_buffer("q", q.to(torch.int8).contiguous())
-        self.register_buffer("scale", scale.float().contiguous())
+        self.num_embeddings, self.dim = shape
+        if self.dim % GROUP or blocks.numel() != self.num_embeddings * self.dim // GROUP * self.BLOCK_BYTES:
+            raise ValueError(f"{blocks.numel()} bytes are not a Q8_0 table of shape {tuple(shape)}")
+        self.register_buffer("blocks", blocks.view(self.num_embeddings, -1))  # (V, C/32 * 34) uint8
         self.out_dtype = torch.float32
 
     def extra_repr(self) -> str:
@@ -359,18 +369,21 @@ class Q8Embedding(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self._decode(self.q, self.scale).float()
+        return self._decode(self.blocks).float()
 
-    def _decode(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        groups = q.view(*q.shape[:-1], self.dim // GROUP, GROUP).float() * scale.unsqueeze(-1)
-        return groups.view(*q.shape).to(self.out_dtype)
+    def _decode(self, rows: torch.Tensor) -> torch.Tensor:
+        """(..., C/32 * 34) uint8 rows -> (..., C) in out_dtype."""
+        blocks = rows.view(*rows.shape[:-1], self.dim // GROUP, self.BLOCK_BYTES)
+        scale = blocks[..., :2].contiguous().view(torch.float16).float()  # (..., C/32, 1); GGUF is little-endian
+        values = blocks[..., 2:].view(torch.int8).float() * scale  # (..., C/32, 32)
+        return values.view(*rows.shape[:-1], self.dim).to(self.out_dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self._decode(self.q[ids], self.scale[ids])  # (..., C)
+        return self._decode(self.blocks[ids])  # (..., C)
 
     def as_int8_linear(self) -> Int8Linear:
         """The table re-quantized with one scale per row, for the int8 matmul kernel: a tied LM head."""
-        return Int8Linear(*_int8_rows(self.q.shape, lambda rows: self._decode(self.q[rows], self.scale[rows]).float()))
+        return Int8Linear(*_int8_rows((self.num_embeddings, self.dim), lambda rows: self._decode(self.blocks[rows]).float()))
 
 
 PACKED_MODULES = (Int4Linear, Int8Linear, Q8Embedding)
