@@ -86,9 +86,11 @@ def main() -> None:
     command = "python bench/quality.py " + " ".join(sys.argv[1:])
     body = (f"Command: `{command}`; {args.tokens}-token text (docs/walkthrough.md).\n\n" + "\n".join(rows) +
             "\n\nThe issue's bar: a faster numeric path may lose no more than llama.cpp does on the same file. "
-            "What `packed` loses comes from the bfloat16 rounding of matmul inputs, outputs and of the int4 "
-            "kernel's scales, and from the int8 re-quantization of the LM head (and of Gemma's Q5_0/Q6_K/Q8_0 "
-            "matrices); the 4-bit values themselves are exact.")
+            "What `packed` loses comes from the bfloat16 rounding of the int4 scales, from the int8 "
+            "re-quantization of the LM head (and of Gemma's Q5_0/Q6_K/Q8_0 matrices) and, in decode steps "
+            "(the kernels, the compiled rows), from the bfloat16 rounding of matmul inputs and outputs; the "
+            "default row runs the text in one pass, whose many-row matmuls compute in float32 on the same "
+            "weights. The 4-bit values themselves are exact.")
     print(body)
     if args.write:
         write_section(args.write, "Quality of the fast paths (bench/quality.py)", body)

@@ -165,6 +165,10 @@ def compile_decode(model: nn.Module, progress: bool = True, inductor: bool = Tru
     """
     if isinstance(model.forward, CompiledDecode):
         return model.forward
+    # Inductor's C++ code generator remarks when a fused kernel mixes bfloat16 and float16 values.
+    # Packed models' do by design (the embedding's float16 scales, the int4 kernels' bfloat16
+    # results) and the generated code converts them correctly: the remark would only alarm.
+    warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed in the scheduler node", category=UserWarning)
     if model_device(model).type == "cuda":
         fuse_projections(model, dense=True)  # fewer, larger matmul kernels (packed CPU models are stacked at load)
     model.forward = CompiledDecode(model, progress, inductor)

