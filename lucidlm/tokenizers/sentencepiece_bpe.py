@@ -127,9 +127,16 @@ class SentencePieceBPETokenizer:
         else:
             # SentencePiece only builds normal (and user-defined/unused) pieces by merging:
             # never a control token or a `<0xNN>` byte token, whatever their score.
+            # Looked up through the vocabulary at each candidate pair rather than kept in a
+            # token -> score dict of its own (Gemma 3's 262k pieces: ~16 MiB less).
             mergeable = (TOKEN_TYPE_NORMAL, TOKEN_TYPE_USER_DEFINED, TOKEN_TYPE_UNUSED)
-            score_of = {token: -scores[i] for token, i in self._token_to_id.items() if types[i] in mergeable}
-            self._priority = lambda left, right: score_of.get(left + right)
+            token_to_id, scores = self._token_to_id, list(scores)
+
+            def priority(left: str, right: str) -> float | None:
+                index = token_to_id.get(left + right)
+                return None if index is None or types[index] not in mergeable else -scores[index]
+
+            self._priority = priority
 
         self.special_ids = frozenset(i for i, kind in enumerate(types) if kind == TOKEN_TYPE_CONTROL)
         if whole_tokens is None:
