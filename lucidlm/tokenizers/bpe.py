@@ -67,11 +67,10 @@ class BPETokenizer:
         # Each merge is "left right"; its position in the list is its priority (lower first).
         # Both sides are vocabulary strings: the pair holds the vocabulary's own str objects
         # rather than two new copies (~5 MiB less for a 49k-token vocabulary).
-        vocabulary_string = {token: token for token in self._tokens}.get
         self._merge_ranks = {}
         for rank, merge in enumerate(merges):
             left, right = merge.split(" ", 1)
-            self._merge_ranks[vocabulary_string(left, left), vocabulary_string(right, right)] = rank
+            self._merge_ranks[self._vocabulary_string(left), self._vocabulary_string(right)] = rank
         types = list(token_types) if token_types is not None else [TOKEN_TYPE_NORMAL] * len(self._tokens)
         if isinstance(pre, (PreTokenizer, PreTokenizerPipeline)):
             self._pre_tokenizer, self.pre = pre, pre.name
@@ -134,6 +133,11 @@ class BPETokenizer:
         """The token's vocabulary string, as stored (byte-level spelling, e.g. "Ġworld");
         "" for an id past the vocabulary (a model's padding rows, see `tokenizers.vocab`)."""
         return vocabulary_entry(self._tokens, token_id, "")
+
+    def _vocabulary_string(self, piece: str) -> str:
+        """The vocabulary's own str object equal to `piece` (`piece` itself if it is not a token)."""
+        token_id = self._token_to_id.get(piece)
+        return piece if token_id is None else self._tokens[token_id]
 
     def piece_to_id(self, piece: str) -> int | None:
         """The id of a vocabulary string, or None if it is not in the vocabulary."""
