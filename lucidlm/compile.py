@@ -128,7 +128,7 @@ class CompiledDecode:
             # Compilation happens before the graph runs, so the cache is untouched; undo the
             # position count in case the failure came after it was traced, and go eager.
             cache.length = length
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            reason = _failure_reason(error)
             self.state = f"failed: {reason}"
             warnings.warn(f"torch.compile failed, decoding without it: {reason}", RuntimeWarning, stacklevel=3)
             return self.eager(tokens, cache, *args, **kwargs)
@@ -137,6 +137,21 @@ class CompiledDecode:
         if self.progress:
             print(f"compiled in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
         return logits
+
+
+def _failure_reason(error: Exception) -> str:
+    """One line saying why compilation failed. Dynamo's message starts with a header
+    ("backend='inductor' raised:") and, for a C++ build failure, puts the compiler command
+    before the compiler's own first error: keep the lines that say what went wrong."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    informative = [line for line in lines if not line.endswith("raised:")]
+    if not informative:
+        return type(error).__name__
+    reason = informative[0]
+    compiler_errors = [line for line in informative if "error:" in line]
+    if compiler_errors:  # e.g. "...main.cpp:27:41: error: 'at::vec' has not been declared"
+        reason += " (" + compiler_errors[0].split("error:", 1)[1].strip() + ")"
+    return reason
 
 
 def warm_up(model: nn.Module, batch_sizes=(1, 2)) -> None:

@@ -246,3 +246,19 @@ def test_without_a_cxx_compiler_decoding_warns_and_stays_eager(monkeypatch):
     assert installed.state.startswith("failed") and "C++ compiler" in installed.state
     assert sum("torch.compile failed" in str(w.message) for w in caught) == 1
     torch.testing.assert_close(actual, hf_logits(hf, PROMPT + CONTINUATION[:4])[len(PROMPT) - 1:], atol=ATOL, rtol=0)
+
+
+def test_failure_reasons_say_what_went_wrong():
+    """The warning names the cause, not Dynamo's header line (messages as PyTorch 2.13 words them)."""
+    from lucidlm.compile import _failure_reason
+
+    build = RuntimeError(
+        "backend='inductor' raised:\nCppCompileError: C++ compile error\n\nCommand:\ng++ /tmp/x/k.main.cpp -O3 -o k.so\n\n"
+        "Output:\n/tmp/x/k.main.cpp: In function 'void kernel(const int64_t*)':\n"
+        "/tmp/x/k.main.cpp:27:41: error: 'at::vec' has not been declared\n   27 |   auto tmp9 = ...\n\n"
+        "Set TORCHDYNAMO_VERBOSE=1 for the internal stack trace")
+    assert _failure_reason(build) == "CppCompileError: C++ compile error ('at::vec' has not been declared)"
+    no_compiler = RuntimeError("InvalidCxxCompiler: No working C++ compiler found in torch._inductor.config.cpp.cxx: "
+                               "('/nonexistent/g++',)\n\nSet TORCHDYNAMO_VERBOSE=1 for the internal stack trace")
+    assert _failure_reason(no_compiler).startswith("InvalidCxxCompiler: No working C++ compiler found")
+    assert _failure_reason(RuntimeError("")) == "RuntimeError"
