@@ -104,13 +104,16 @@ class LucidModel:
                seed: int | None = None, stop: str | list[str] | None = None, use_cache: bool = True,
                penalty_alpha: float = 0.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                logit_bias: dict[int, float] | None = None, no_repeat_ngram_size: int = 0,
-               min_new_tokens: int = 0, max_time: float | None = None) -> Iterator[str]:
+               min_new_tokens: int = 0, max_time: float | None = None, prompt_lookup: int = 0) -> Iterator[str]:
         """Yield the completion of `prompt` piece by piece as tokens are generated.
 
         Greedy, sampling (temperature > 0) or contrastive search (penalty_alpha > 0, with
         top_k candidates). presence/frequency_penalty and logit_bias as in OpenAI's API;
         no_repeat_ngram_size bans repeating any n-gram; stop tokens are held back until
-        min_new_tokens tokens exist; max_time (seconds) bounds the whole call.
+        min_new_tokens tokens exist; max_time (seconds) bounds the whole call. prompt_lookup=k
+        guesses up to k tokens by copying what followed the last n-gram earlier in the text and
+        checks them in one forward pass: faster where the output repeats its context, same
+        output distribution (`lucidlm.prompt_lookup`).
         """
         started = time.perf_counter()
         options = DecodingOptions.from_kwargs(
@@ -118,7 +121,7 @@ class LucidModel:
             repetition_penalty=repetition_penalty, seed=seed, stop=stop, use_cache=use_cache,
             penalty_alpha=penalty_alpha, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
             logit_bias=logit_bias or {}, no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new_tokens,
-            max_time=max_time)
+            max_time=max_time, prompt_lookup=prompt_lookup)
         prompt_ids = self._prompt_ids(prompt)
         steps = token_steps(self.model, prompt_ids, options, self.stop_ids)
         self.last_stats = GenerationStats(prompt_tokens=len(prompt_ids))

@@ -96,6 +96,17 @@ class KVCache:
         if self.slot is not None:
             self.slot += n  # on the device: a replayed CUDA graph advances it too (the host count is its owner's job)
 
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on (prompt lookup drops the K/V of rejected guesses).
+        Their slots are marked invalid, so a static cache, which attends over every slot, skips
+        them too until they are written again."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+        self.valid[:, length:] = False
+        if self.slot is not None:
+            self.slot -= self.length - length
+        self.length = length
+
     def reorder(self, batch_indices: torch.Tensor) -> None:
         """Keep only / duplicate / permute batch rows (beam search, sequences leaving a batch).
 

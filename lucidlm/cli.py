@@ -25,21 +25,23 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
+    p.add_argument("--prompt-lookup", type=int, default=0, metavar="K",
+                   help="guess up to K tokens per step by copying from the context, checked in one pass "
+                        "(faster where the output repeats the prompt; same output distribution; default 0: off)")
 
 
 def _sampling_kwargs(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                seed=args.seed, stop=args.stop, use_cache=not args.no_cache)
+                seed=args.seed, stop=args.stop, use_cache=not args.no_cache, prompt_lookup=args.prompt_lookup)
 
 
 def _load(args):
-    from .sampling import SamplingParams
+    from .decoding import DecodingOptions
 
     # Check the cheap things before the slow load, so a typo fails at once.
     if hasattr(args, "temperature"):
-        SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                       repetition_penalty=args.repetition_penalty, seed=args.seed)
+        DecodingOptions.from_kwargs(**_sampling_kwargs(args))
     if getattr(args, "prompt", None) == "":
         raise LucidError("the prompt is empty")
     return load_model(args)

@@ -6,6 +6,8 @@ runs the strategy it names and returns a `Generation`:
 
     greedy       argmax at every step                        generate.generate_tokens
     sample       temperature > 0, with top-k/top-p/min-p     generate.generate_tokens
+                 (with prompt_lookup = k > 0: up to k guesses  prompt_lookup.prompt_lookup_tokens
+                 checked per forward pass, same distribution)
     beam         num_beams > 1                               search.beam_search
     contrastive  penalty_alpha > 0 with top_k candidates     search.contrastive_search_tokens
     n > 1        (greedy or sample) n rows in one batch      batch.BatchGenerator
@@ -27,6 +29,7 @@ from .batch import BatchGenerator
 from .errors import InvalidArgumentError
 from .generate import GenerationStats, Step, TextStream, generate_tokens
 from .penalties import LogitControls
+from .prompt_lookup import prompt_lookup_tokens
 from .sampling import SamplingParams, make_sampler
 from .search import BeamParams, beam_search, check_contrastive, contrastive_search_tokens
 from .tokenizers import IncrementalDecoder
@@ -98,6 +101,7 @@ class DecodingOptions:
     max_time: float | None = None  # seconds
     stop: tuple[str, ...] = ()
     use_cache: bool = True
+    prompt_lookup: int = 0  # guesses checked per forward pass (0: one token per pass); see prompt_lookup.py
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "DecodingOptions":
@@ -118,8 +122,10 @@ class DecodingOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidArgumentError(f"{name} must be an integer >= 1, got {value!r}")
-        if isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) or self.logprobs < 0:
-            raise InvalidArgumentError(f"logprobs must be an integer >= 0, got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_lookup"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidArgumentError(f"{name} must be an integer >= 0, got {value!r}")
         if self.max_time is not None and not (_is_number(self.max_time) and self.max_time > 0):
             raise InvalidArgumentError(f"max_time must be None or > 0 seconds, got {self.max_time!r}")
         if not (_is_number(self.penalty_alpha) and 0 <= self.penalty_alpha <= 1):
@@ -152,6 +158,8 @@ class DecodingOptions:
             raise InvalidArgumentError(f"penalty_alpha applies to contrastive search, not {s}")
         if not self.use_cache and (s not in ("greedy", "sample") or self.n > 1):
             raise InvalidArgumentError("use_cache=False is only available for greedy and sample with n = 1")
+        if self.prompt_lookup and (s not in ("greedy", "sample") or self.n > 1 or not self.use_cache):
+            raise InvalidArgumentError("prompt_lookup is available for greedy and sample with n = 1 and the KV cache")
 
 
 def token_steps(model, prompt_ids: list[int], options: DecodingOptions, stop_ids: set[int]) -> Iterator[Step]:
@@ -162,6 +170,9 @@ def token_steps(model, prompt_ids: list[int], options: DecodingOptions, stop_ids
                                          stop_ids, o.controls, o.sampling.repetition_penalty, o.max_time)
     if o.strategy == "beam" or o.n > 1:
         raise InvalidArgumentError(f"{o.strategy} with n={o.n} does not stream: use generate_detailed")
+    if o.prompt_lookup:
+        return prompt_lookup_tokens(model, prompt_ids, make_sampler(o.sampling), o.max_new_tokens, o.prompt_lookup,
+                                    stop_ids, o.controls, o.max_time)
     return generate_tokens(model, prompt_ids, make_sampler(o.sampling), o.max_new_tokens, stop_ids, o.use_cache,
                            o.controls, o.max_time)
 

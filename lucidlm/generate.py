@@ -31,6 +31,7 @@ from .sampling import Sampler
 class Step:
     token_id: int
     logprobs: torch.Tensor  # (V,) log-softmax of the model's raw logits at this step
+    drafted: bool = False  # a guess confirmed by a prompt-lookup pass (`lucidlm.prompt_lookup`): no pass of its own
 
 
 def check_fits(prompt_len: int, max_new_tokens: int, context_length: int) -> None:
@@ -87,6 +88,7 @@ class GenerationStats:
     time_to_first_token: float = 0.0  # seconds from start (tokenization included) to the first token
     decode_seconds: float = 0.0  # from the first token to the last
     compile_seconds: float = 0.0  # of decode_seconds, spent compiling the decode step (`--compile`'s first step)
+    drafted_tokens: int = 0  # of new_tokens, guesses confirmed by prompt lookup (`lucidlm.prompt_lookup`)
     finish_reason: str = "length"  # "stop" (EOS or stop string) or "length"
     token_ids: list[int] = field(default_factory=list)
 
@@ -99,8 +101,9 @@ class GenerationStats:
 
     def summary(self) -> str:
         compiling = f" (after {self.compile_seconds:.1f} s compiling)" if self.compile_seconds else ""
+        drafted = f", {self.drafted_tokens} of them from prompt lookup" if self.drafted_tokens else ""
         return (f"{self.prompt_tokens} prompt tokens, time to first token {self.time_to_first_token * 1000:.0f} ms, "
-                f"{self.new_tokens} new tokens at {self.decode_tokens_per_second:.1f} tok/s{compiling}")
+                f"{self.new_tokens} new tokens at {self.decode_tokens_per_second:.1f} tok/s{compiling}{drafted}")
 
 
 def longest_stop_prefix(text: str, stops: list[str]) -> int:
@@ -141,6 +144,7 @@ class TextStream:
             self.stats.decode_seconds = now - first_token_at
             self.stats.compile_seconds = seconds_compiling() - self.compiled_before
             self.stats.new_tokens += 1
+            self.stats.drafted_tokens += step.drafted
             if step.token_id in self.stop_ids:
                 self.stats.finish_reason = "stop"
                 break

@@ -79,7 +79,10 @@ def test_truncated_file(tmp_path, tiny_model):
     (["generate", PROMPT, "--top-p", "1.5"], "top_p"),
     (["generate", PROMPT, "--top-k", "-1"], "top_k"),
     (["chat", "--temperature", "-1"], "temperature"),
-], ids=["empty-prompt", "temperature", "top-p-0", "top-p-1.5", "top-k", "chat-temperature"])
+    (["generate", PROMPT, "--prompt-lookup", "-1"], "prompt_lookup"),
+    (["chat", "--prompt-lookup", "-2"], "prompt_lookup"),
+], ids=["empty-prompt", "temperature", "top-p-0", "top-p-1.5", "top-k", "chat-temperature", "prompt-lookup",
+        "chat-prompt-lookup"])
 def test_bad_parameter_fails_fast(args, name):
     result, seconds = lucid(*args)
     assert_user_error(result, name)
@@ -112,6 +115,14 @@ def test_generate_with_tiny_model(tiny_model):
     assert result.returncode == 0, result.stderr
     stats = STATS_LINE.match(result.stderr.strip().split("\n")[-1])
     assert stats and int(stats.group(1)) > 0, result.stderr
+
+
+def test_generate_with_prompt_lookup_gives_the_same_greedy_text(tiny_model):
+    args = ("generate", "hello world hello world hello", "--model", str(tiny_model), "--max-new-tokens", "12")
+    plain, _ = lucid(*args)
+    looked_up, _ = lucid(*args, "--prompt-lookup", "3")
+    assert plain.returncode == 0 and looked_up.returncode == 0, looked_up.stderr
+    assert looked_up.stdout == plain.stdout and plain.stdout.strip()
 
 
 def test_models_lists_the_installed_default():

@@ -47,6 +47,22 @@ def test_compiled_decode_matches_transformers(pairs):
     torch.testing.assert_close(actual, expected, atol=ATOL, rtol=0)
 
 
+def test_prompt_lookup_mixes_compiled_steps_and_eager_checking_passes(pairs):
+    """Single-token steps run compiled, multi-position passes (guesses) eagerly, on one cache."""
+    from lucidlm.prompt_lookup import prompt_lookup_tokens
+    from lucidlm.sampling import SamplingParams, make_sampler
+
+    hf, ours = pairs[0]
+    prompt = PROMPT + PROMPT + PROMPT[:3]  # repeats: guesses from the first pass on
+    ids = list(prompt)  # grown by HF's greedy choice, token by token
+    for _ in range(20):
+        ids.append(int(hf_logits(hf, ids)[-1].argmax()))
+    steps = list(prompt_lookup_tokens(ours, prompt, make_sampler(SamplingParams()), 20, 3))
+    assert ours.forward.state == "compiled"
+    assert [s.token_id for s in steps] == ids[len(prompt):]
+    assert any(s.drafted for s in steps) and not all(s.drafted for s in steps[1:])
+
+
 def test_two_compiled_models_keep_their_own_weights(pairs):
     # Interleave the two models' decode steps: a graph reused with the other model's weights
     # or layer indices would show up as a mismatch with that model's HF twin.

@@ -89,3 +89,16 @@ def test_chat_template_renders_like_reference(lucid_smollm, hf_smollm_tokenizer,
     expected = hf_smollm_tokenizer.apply_chat_template(messages, tokenize=False,
                                                        add_generation_prompt=add_generation_prompt)
     assert lucid_smollm.apply_chat_template(messages, add_generation_prompt) == expected
+
+
+def test_prompt_lookup_keeps_the_greedy_answer_when_it_quotes_the_prompt(lucid_smollm):
+    """A reply that copies most of its prompt: looked-up guesses are confirmed, the text is the same."""
+    messages = [{"role": "user", "content": "Fix the spelling mistakes in this paragraph and return it: The printing "
+                 "pres was invented by Johannes Gutenberg around 1440. It alowed books to be produced quikly and "
+                 "cheaply, and it spread acros Europe within a few decades."}]
+    plain = lucid_smollm.chat(messages, max_new_tokens=60)
+    plain_ids = lucid_smollm.last_stats.token_ids
+    assert lucid_smollm.chat(messages, max_new_tokens=60, prompt_lookup=4) == plain
+    stats = lucid_smollm.last_stats
+    assert stats.token_ids == plain_ids
+    assert stats.drafted_tokens > len(plain_ids) // 3, "the reply quotes the prompt: most guesses should hold"

@@ -1,0 +1,116 @@
+"""Prompt-lookup decoding: guess the next tokens by copying, check the guesses in one pass.
+
+Generated text often repeats text already in the context: a summary quotes its source, an
+edit copies most of the code it changes, a small model falls into a loop. When the last few
+tokens occurred earlier, the tokens that followed them then are a good guess for what comes
+next. Checking k guesses takes one forward pass over k + 1 positions, and on a CPU a pass
+over a few positions costs little more than over one: each weight is read once either way
+(SmolLM2 packed, 2 threads: 30 ms for 1 or 2 positions, 35 ms for 3, 57 ms for 5), so K = 2
+guesses suit a CPU best (`bench/lookup.py` and `bench/RESULTS.md`: 1.3-2.6x faster decoding
+where the text repeats; where it does not, the failed guesses cost up to ~15 %).
+
+    context  ... the cat sat on the mat . the cat | ?        last n-gram "the cat" seen before,
+    draft                                   sat on the        followed by "sat on the"
+    pass     [cat] sat on  the  -> logits after each          one forward pass, 4 positions
+    accept   draw from each row in turn while it equals the draft; the first draw that differs
+             is kept too, the positions after it are dropped from the KV cache
+
+The output follows the model's distribution exactly: each token is drawn by the usual
+sampler from the model's distribution given the tokens actually accepted before it, and a
+draft token counts only when the draw equals it (speculative decoding, Leviathan et al. 2023,
+arXiv:2211.17192, with a draft that puts all its probability on one token: acceptance with
+probability p(draft) is what drawing and comparing does). Greedy decoding gives ordinary greedy
+decoding's tokens, up to floating-point differences between a one- and a k-position pass. The
+idea and its name: Saxena, "Prompt Lookup Decoding" (2023); Hugging Face calls the option
+`prompt_lookup_num_tokens`, llama.cpp "lookup decoding".
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterable, Iterator
+
+import torch
+
+from .generate import Step, check_fits
+from .models.layers import model_device
+from .penalties import LogitControls
+from .sampling import Sampler
+
+MAX_NGRAM = 3  # longest suffix looked up; a longer match is a more specific (better) guess
+
+
+class NgramIndex:
+    """Where each n-gram (n <= max_n) of a growing token sequence last occurred, for drafting.
+
+    `follows[ngram]` is the position just after the latest occurrence of `ngram` that has a
+    token after it, so a lookup of the sequence's own suffix finds its previous occurrence.
+    Kept up to date token by token: a lookup costs max_n dictionary probes, not a scan.
+    """
+
+    def __init__(self, max_n: int = MAX_NGRAM):
+        self.max_n = max_n
+        self.ids: list[int] = []
+        self.follows: dict[tuple[int, ...], int] = {}
+
+    def extend(self, ids: Iterable[int]) -> None:
+        for token in ids:
+            end = len(self.ids)  # the position `token` takes: it follows the n-grams ending here
+            self.ids.append(int(token))
+            for n in range(1, min(self.max_n, end) + 1):
+                self.follows[tuple(self.ids[end - n:end])] = end
+
+    def draft(self, k: int) -> list[int]:
+        """Up to k tokens that followed the latest earlier occurrence of the longest suffix
+        (of at most max_n tokens) seen before; [] when even the last token is new."""
+        for n in range(min(self.max_n, len(self.ids)), 0, -1):
+            start = self.follows.get(tuple(self.ids[-n:]))
+            if start is not None:
+                return self.ids[start:start + k]
+        return []
+
+
+@torch.inference_mode()
+def prompt_lookup_tokens(model, prompt_ids: list[int], sampler: Sampler, max_new_tokens: int, draft_tokens: int,
+                         stop_ids: Iterable[int] = (), controls: LogitControls | None = None,
+                         max_time: float | None = None) -> Iterator[Step]:
+    """`generate.generate_tokens` with up to `draft_tokens` looked-up guesses checked per pass
+    (same arguments and Steps; a Step whose token was a confirmed guess has `drafted=True`)."""
+    check_fits(len(prompt_ids), max_new_tokens, model.config.context_length)
+    started = time.perf_counter()
+    stop_ids = set(stop_ids)
+    device = model_device(model)
+    sequence = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T): prompt + accepted tokens
+    cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)
+    if max_new_tokens == 0:
+        return
+    index = NgramIndex()
+    index.extend(prompt_ids)
+    logits = model(sequence, cache, last_only=True)  # (1, 1, V): prefill
+    draft: list[int] = []  # the guesses fed after the last accepted token in the pass that made `logits`
+    produced = 0
+    while True:
+        # Row j of logits is the distribution after the last accepted token and draft[:j].
+        base = cache.length - logits.shape[1]  # cache positions before this pass's tokens
+        for j in range(logits.shape[1]):
+            row = logits[:, j]  # (1, V)
+            scores = row if controls is None else controls.apply(row, sequence[0], produced, stop_ids)
+            next_id = sampler(scores, sequence)  # (1,)
+            token_id = int(next_id[0])
+            guessed = j < len(draft) and token_id == draft[j]
+            produced += 1
+            yield Step(token_id, torch.log_softmax(row[0].float(), dim=-1), drafted=guessed)
+            if token_id in stop_ids or produced == max_new_tokens:
+                return
+            if max_time is not None and time.perf_counter() - started >= max_time:
+                return
+            sequence = torch.cat([sequence, next_id.view(1, 1)], dim=1)
+            index.extend([token_id])
+            if not guessed:  # rows after j were computed after a wrong guess (or there are none)
+                break
+        # Keep the cache entries of the tokens accepted: the pass's first token and draft[:j].
+        cache.truncate(base + j + 1)
+        # No use guessing beyond the last token to be produced (it needs no pass after it).
+        draft = index.draft(min(draft_tokens, max_new_tokens - produced - 1))
+        pass_ids = torch.tensor([[token_id] + draft], dtype=torch.long, device=device)  # (1, 1 + k)
+        logits = model(pass_ids, cache)  # (1, 1 + k, V)
