@@ -9,8 +9,10 @@ fuses the elementwise work into a few generated C++ loops; the matmul kernels st
 
 What is compiled, and when it is used:
 
-- Only decode steps: one new position per sequence, with a KV cache. Prefill (many positions,
-  one call per prompt) gains little and would add a second graph to compile.
+- Only decode steps: one new position per sequence, with a KV cache, and the short passes of
+  prompt lookup (`lucidlm.prompt_lookup`: a token and its guesses, up to `COMPILED_MAX_POSITIONS`).
+  Dynamo specialises a length of 1, so the short passes get a second graph, compiled at the
+  first one. Prefill (many positions, one call per prompt) gains little and stays eager.
 - Only while nobody observes the model: a hook listener (`lucidlm.introspect`) or an
   attention layer asked for explicit weights sends the step through the ordinary eager
   forward, so every introspection tool sees exactly what it sees without compilation.
@@ -53,6 +55,8 @@ _FIXED_AFTER_LOADING = frozenset({"TYPE_MATCH", "ID_MATCH", "CLOSURE_MATCH", "TE
 
 _seconds_compiling = 0.0  # all models together, this process
 
+COMPILED_MAX_POSITIONS = 8  # longest pass with a KV cache that runs compiled (prompt lookup's checking passes)
+
 
 def seconds_compiling() -> float:
     """Seconds this process has spent compiling decode steps so far: generation statistics
@@ -75,6 +79,8 @@ class CompiledDecode:
     def __init__(self, model: nn.Module, progress: bool = True, inductor: bool = True):
         self.eager = model.forward
         self.compiled = None  # made at the first decode step: torch.compile imports Inductor (~2.5 s)
+        self.graph_kinds: set[str] = set()  # "one position", "several positions": graphs compiled so far
+        self.failed_kinds: set[str] = set()  # ... and those whose compilation failed (they run eagerly)
         self.progress = progress
         self.state = "not yet compiled" if inductor else "not compiled (inductor=False)"
         # -> "compiled" | "failed: <reason>"
@@ -97,31 +103,38 @@ class CompiledDecode:
         return any(self.watched) or any(a.explicit for a in self.attentions)
 
     def __call__(self, tokens: torch.Tensor, cache=None, *args, **kwargs) -> torch.Tensor:
-        if cache is None or tokens.shape[1] != 1 or torch.is_grad_enabled() or self.observed():
+        positions = tokens.shape[1]
+        if cache is None or torch.is_grad_enabled() or self.observed():
             return self.eager(tokens, cache, *args, **kwargs)
-        # One position: last_only changes nothing, so it must not make a second graph.
-        kwargs.pop("last_only", None)
-        if self.graphs is not None and not args and not kwargs:  # (a `valid` mask: padding added mid-way, rare)
+        # Several positions after some already cached: prompt lookup's checking pass. A prefill
+        # (into an empty cache) stays eager: once per prompt, not worth a graph.
+        if positions > 1 and (positions > COMPILED_MAX_POSITIONS or cache.length == 0 or args or kwargs):
+            return self.eager(tokens, cache, *args, **kwargs)
+        kwargs.pop("last_only", None)  # one position: last_only changes nothing, so it must not make a graph of its own
+        # CUDA graphs replay single-position steps (not a `valid` mask: padding added mid-way, rare).
+        if self.graphs is not None and positions == 1 and not args and not kwargs:
             return self.graphs(self.step, tokens, cache)
         return self.step(tokens, cache, *args, **kwargs)
 
     def step(self, tokens, cache, *args, **kwargs) -> torch.Tensor:
-        """One decode step: through the compiled graph (compiling it the first time) or eagerly."""
-        if self.state == "compiled":
+        """One pass: through a compiled graph (compiling it the first time) or eagerly."""
+        kind = "one position" if tokens.shape[1] == 1 else "several positions"
+        if kind in self.graph_kinds:
             return self.compiled(tokens, cache, *args, **kwargs)
-        if self.state == "not yet compiled":
-            return self._first_call(tokens, cache, *args, **kwargs)
-        return self.eager(tokens, cache, *args, **kwargs)
+        if kind in self.failed_kinds or self.state not in ("not yet compiled", "compiled"):
+            return self.eager(tokens, cache, *args, **kwargs)
+        return self._first_call(kind, tokens, cache, *args, **kwargs)
 
-    def _first_call(self, tokens, cache, *args, **kwargs) -> torch.Tensor:
+    def _first_call(self, kind: str, tokens, cache, *args, **kwargs) -> torch.Tensor:
         if self.progress:
-            print("compiling the decode step with torch.compile (about a minute the first time; "
+            print(f"compiling the decode step ({kind}) with torch.compile (about a minute the first time; "
                   "cached on disk afterwards)...", file=sys.stderr, flush=True)
         global _seconds_compiling
         started = time.perf_counter()
         length = cache.length
         try:
-            self.compiled = torch.compile(self.eager, dynamic=True, options={"guard_filter_fn": _keep_guard})
+            if self.compiled is None:
+                self.compiled = torch.compile(self.eager, dynamic=True, options={"guard_filter_fn": _keep_guard})
             logits = self.compiled(tokens, cache, *args, **kwargs)
         except torch._dynamo.exc.TorchDynamoException as error:
             _seconds_compiling += time.perf_counter() - started
@@ -129,10 +142,14 @@ class CompiledDecode:
             # position count in case the failure came after it was traced, and go eager.
             cache.length = length
             reason = _failure_reason(error)
-            self.state = f"failed: {reason}"
-            warnings.warn(f"torch.compile failed, decoding without it: {reason}", RuntimeWarning, stacklevel=3)
+            self.failed_kinds.add(kind)  # passes of this kind stay eager; a graph compiled before still runs
+            if not self.graph_kinds:
+                self.state = f"failed: {reason}"
+            warnings.warn(f"torch.compile failed, decoding {kind} without it: {reason}", RuntimeWarning,
+                          stacklevel=3)
             return self.eager(tokens, cache, *args, **kwargs)
         self.state = "compiled"
+        self.graph_kinds.add(kind)
         _seconds_compiling += time.perf_counter() - started
         if self.progress:
             print(f"compiled in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
