@@ -6,7 +6,7 @@ tokens occurred earlier, the tokens that followed them then are a good guess for
 next. Checking k guesses takes one forward pass over k + 1 positions, and on a CPU a pass
 over a few positions costs little more than over one: each weight is read once either way
 (SmolLM2 packed, 2 threads: 30 ms for 1 or 2 positions, 35 ms for 3, 57 ms for 5), so K = 2
-guesses suit a CPU best (`bench/lookup.py` and `bench/RESULTS.md`: 1.3-2.6x faster decoding
+guesses suit a CPU best (`bench/lookup.py` and `bench/RESULTS.md`: 1.2-2.5x faster decoding
 where the text repeats; where it does not, the failed guesses cost little: a sampled story,
 3 % of its tokens guessed right, 23.9 vs 24.2 tok/s).
 
