@@ -98,11 +98,10 @@ class KVCache:
 
     def truncate(self, length: int) -> None:
         """Forget every position from `length` on (prompt lookup drops the K/V of rejected guesses).
-        Their slots are marked invalid, so a static cache, which attends over every slot, skips
-        them too until they are written again."""
+        Nothing needs erasing: the next pass writes those slots again, and until then no query
+        sees them, since a query attends only to slots up to its own (also in a static cache)."""
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
-        self.valid[:, length:] = False
         if self.slot is not None:
             self.slot -= self.length - length
         self.length = length

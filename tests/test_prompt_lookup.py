@@ -182,6 +182,21 @@ def test_truncating_a_cache_forgets_positions():
     cache.make_static()
     cache.truncate(3)
     assert cache.length == 3 and int(cache.slot) == 3
-    assert cache.valid[0].tolist() == [True] * 3 + [False] * 5
     with pytest.raises(ValueError, match="cannot truncate"):
         cache.truncate(4)
+
+
+def test_a_static_cache_forgets_rejected_guesses(pair):
+    """The cache a CUDA graph replays (`make_static`: every slot attended, unwritten ones masked)
+    after a pass whose guesses were wrong: cut back, it must give transformers' logits of the
+    tokens actually kept."""
+    hf, ours = pair
+    prompt, kept = REPETITIVE_PROMPT, [7, 60]
+    with torch.inference_mode():
+        cache = ours.new_cache(1, 32)
+        ours(torch.tensor([prompt]), cache)
+        cache.make_static()
+        ours(torch.tensor([[kept[0], 1, 2, 3]]), cache)  # the first token and three wrong guesses
+        cache.truncate(len(prompt) + 1)
+        got = ours(torch.tensor([kept[1:]]), cache)[0]  # (1, V): two of the wrong guesses' slots stay unwritten
+    torch.testing.assert_close(got, hf_logits(hf, prompt + kept)[-1:], atol=1e-4, rtol=0)
