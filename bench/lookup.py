@@ -48,15 +48,13 @@ def quote_prompt(lucid) -> list[int]:
 def lucid_engine(name, compile=False):
     import lucidlm
     from lucidlm.generate import generate_tokens
-    from lucidlm.prompt_lookup import prompt_lookup_tokens
     from lucidlm.sampling import SamplingParams, make_sampler
 
     lucid = lucidlm.load(name, progress=False, compile=compile)
 
     def decode(ids, lookup):
         sampler = make_sampler(SamplingParams())
-        steps = (prompt_lookup_tokens(lucid.model, ids, sampler, NEW_TOKENS, K, lucid.stop_ids) if lookup
-                 else generate_tokens(lucid.model, ids, sampler, NEW_TOKENS, lucid.stop_ids))
+        steps = generate_tokens(lucid.model, ids, sampler, NEW_TOKENS, lucid.stop_ids, prompt_lookup=K if lookup else 0)
         return _timed_steps(steps)
     return lucid, decode
 

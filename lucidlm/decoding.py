@@ -6,7 +6,7 @@ runs the strategy it names and returns a `Generation`:
 
     greedy       argmax at every step                        generate.generate_tokens
     sample       temperature > 0, with top-k/top-p/min-p     generate.generate_tokens
-                 (with prompt_lookup = k > 0: up to k guesses  prompt_lookup.prompt_lookup_tokens
+                 (with prompt_lookup = k > 0: up to k guesses  (prompt_lookup.NgramIndex)
                  checked per forward pass, same distribution)
     beam         num_beams > 1                               search.beam_search
     contrastive  penalty_alpha > 0 with top_k candidates     search.contrastive_search_tokens
@@ -29,7 +29,6 @@ from .batch import BatchGenerator
 from .errors import InvalidArgumentError
 from .generate import GenerationStats, Step, TextStream, generate_tokens
 from .penalties import LogitControls
-from .prompt_lookup import prompt_lookup_tokens
 from .sampling import SamplingParams, make_sampler
 from .search import BeamParams, beam_search, check_contrastive, contrastive_search_tokens
 from .tokenizers import IncrementalDecoder
@@ -170,11 +169,8 @@ def token_steps(model, prompt_ids: list[int], options: DecodingOptions, stop_ids
                                          stop_ids, o.controls, o.sampling.repetition_penalty, o.max_time)
     if o.strategy == "beam" or o.n > 1:
         raise InvalidArgumentError(f"{o.strategy} with n={o.n} does not stream: use generate_detailed")
-    if o.prompt_lookup:
-        return prompt_lookup_tokens(model, prompt_ids, make_sampler(o.sampling), o.max_new_tokens, o.prompt_lookup,
-                                    stop_ids, o.controls, o.max_time)
     return generate_tokens(model, prompt_ids, make_sampler(o.sampling), o.max_new_tokens, stop_ids, o.use_cache,
-                           o.controls, o.max_time)
+                           o.controls, o.max_time, o.prompt_lookup)
 
 
 def top_logprobs(logprobs: torch.Tensor, k: int, token_text) -> list[TokenLogprob]:

@@ -24,6 +24,7 @@ from .compile import seconds_compiling
 from .errors import ContextOverflowError, InvalidArgumentError
 from .models.layers import model_device
 from .penalties import LogitControls
+from .prompt_lookup import NgramIndex
 from .sampling import Sampler
 
 
@@ -49,14 +50,19 @@ def check_fits(prompt_len: int, max_new_tokens: int, context_length: int) -> Non
 @torch.inference_mode()
 def generate_tokens(model, prompt_ids: list[int], sampler: Sampler, max_new_tokens: int,
                     stop_ids: Iterable[int] = (), use_cache: bool = True, controls: LogitControls | None = None,
-                    max_time: float | None = None) -> Iterator[Step]:
+                    max_time: float | None = None, prompt_lookup: int = 0) -> Iterator[Step]:
     """Yield up to `max_new_tokens` steps; stops after yielding a token in `stop_ids`.
 
     `controls` (penalties, logit bias, n-gram ban, min_new_tokens) adjust the logits before
     the sampler sees them; `max_time` (seconds, prefill included) stops generation once the
     time is spent, after at least one token. Step.logprobs stay the model's raw distribution.
+    `prompt_lookup` = K > 0: each pass after the prefill also feeds up to K guessed next tokens
+    and the rows of those positions are drawn from in turn while the draws confirm the guesses
+    (`lucidlm.prompt_lookup`; same output distribution; a confirmed guess's Step has drafted=True).
     """
     check_fits(len(prompt_ids), max_new_tokens, model.config.context_length)
+    if prompt_lookup and not use_cache:
+        raise InvalidArgumentError("prompt_lookup needs the KV cache")
     started = time.perf_counter()
     stop_ids = set(stop_ids)
     device = model_device(model)
@@ -64,21 +70,40 @@ def generate_tokens(model, prompt_ids: list[int], sampler: Sampler, max_new_toke
     cache = model.new_cache(1, len(prompt_ids) + max_new_tokens) if use_cache else None
     if max_new_tokens == 0:
         return
-    logits = model(sequence, cache, last_only=True)[:, -1]  # prefill: (1, V)
-    for step in range(max_new_tokens):
-        scores = logits if controls is None else controls.apply(logits, sequence[0], step, stop_ids)
-        next_id = sampler(scores, sequence)  # (1,)
-        token_id = int(next_id[0])
-        yield Step(token_id, torch.log_softmax(logits[0].float(), dim=-1))
-        if token_id in stop_ids or step == max_new_tokens - 1:
-            return
-        if max_time is not None and time.perf_counter() - started >= max_time:
-            return
-        sequence = torch.cat([sequence, next_id.view(1, 1)], dim=1)
-        if cache is not None:
-            logits = model(next_id.view(1, 1), cache)[:, -1]  # decode one position
-        else:
-            logits = model(sequence, last_only=True)[:, -1]  # recompute everything
+    guesses = NgramIndex(prompt_ids) if prompt_lookup else None
+    logits = model(sequence, cache, last_only=True)  # prefill: (1, 1, V)
+    draft: list[int] = []  # the guesses fed after the chosen token in the pass that made `logits`
+    produced = 0
+    while True:
+        # Row j of logits: the next-token distribution after the last token fed and draft[:j].
+        for j in range(logits.shape[1]):
+            row = logits[:, j]  # (1, V)
+            scores = row if controls is None else controls.apply(row, sequence[0], produced, stop_ids)
+            next_id = sampler(scores, sequence)  # (1,)
+            token_id = int(next_id[0])
+            guessed = j < len(draft) and token_id == draft[j]
+            produced += 1
+            yield Step(token_id, torch.log_softmax(row[0].float(), dim=-1), drafted=guessed)
+            if token_id in stop_ids or produced == max_new_tokens:
+                return
+            if max_time is not None and time.perf_counter() - started >= max_time:
+                return
+            sequence = torch.cat([sequence, next_id.view(1, 1)], dim=1)
+            if guesses is not None:
+                guesses.extend([token_id])
+            if not guessed:  # later rows were computed after a wrong guess (or there are none)
+                break
+        if cache is None:
+            logits = model(sequence, last_only=True)  # recompute everything
+            continue
+        if draft:  # keep the cache entries of the confirmed guesses, draft[:j], drop the rest
+            cache.truncate(cache.length - len(draft) + j)
+        if guesses is not None:  # no use guessing past the last token to produce: it needs no pass
+            draft = guesses.draft(min(prompt_lookup, max_new_tokens - produced - 1))
+        pass_ids = next_id.view(1, 1)  # (1, 1): decode one position ...
+        if draft:  # ... or (1, 1 + k) with the guesses
+            pass_ids = torch.cat([pass_ids, torch.tensor([draft], dtype=torch.long, device=device)], dim=1)
+        logits = model(pass_ids, cache)  # (1, 1 + k, V)
 
 
 @dataclass

@@ -24,19 +24,15 @@ probability p(draft) is what drawing and comparing does). Greedy decoding gives 
 decoding's tokens, up to floating-point differences between a one- and a k-position pass. The
 idea and its name: Saxena, "Prompt Lookup Decoding" (2023); Hugging Face calls the option
 `prompt_lookup_num_tokens`, llama.cpp "lookup decoding".
+
+This module keeps the guessing (`NgramIndex`); the loop that feeds and checks the guesses is the
+ordinary one, `generate.generate_tokens(..., prompt_lookup=K)`: a plain decode step is a pass
+with no guesses.
 """
 
 from __future__ import annotations
 
-import time
-from typing import Iterable, Iterator
-
-import torch
-
-from .generate import Step, check_fits
-from .models.layers import model_device
-from .penalties import LogitControls
-from .sampling import Sampler
+from typing import Iterable
 
 MAX_NGRAM = 3  # longest suffix looked up; a longer match is a more specific (better) guess
 
@@ -49,10 +45,11 @@ class NgramIndex:
     Kept up to date token by token: a lookup costs max_n dictionary probes, not a scan.
     """
 
-    def __init__(self, max_n: int = MAX_NGRAM):
+    def __init__(self, ids: Iterable[int] = (), max_n: int = MAX_NGRAM):
         self.max_n = max_n
         self.ids: list[int] = []
         self.follows: dict[tuple[int, ...], int] = {}
+        self.extend(ids)
 
     def extend(self, ids: Iterable[int]) -> None:
         for token in ids:
@@ -69,49 +66,3 @@ class NgramIndex:
             if start is not None:
                 return self.ids[start:start + k]
         return []
-
-
-@torch.inference_mode()
-def prompt_lookup_tokens(model, prompt_ids: list[int], sampler: Sampler, max_new_tokens: int, draft_tokens: int,
-                         stop_ids: Iterable[int] = (), controls: LogitControls | None = None,
-                         max_time: float | None = None) -> Iterator[Step]:
-    """`generate.generate_tokens` with up to `draft_tokens` looked-up guesses checked per pass
-    (same arguments and Steps; a Step whose token was a confirmed guess has `drafted=True`)."""
-    check_fits(len(prompt_ids), max_new_tokens, model.config.context_length)
-    started = time.perf_counter()
-    stop_ids = set(stop_ids)
-    device = model_device(model)
-    sequence = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T): prompt + accepted tokens
-    cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)
-    if max_new_tokens == 0:
-        return
-    index = NgramIndex()
-    index.extend(prompt_ids)
-    logits = model(sequence, cache, last_only=True)  # (1, 1, V): prefill
-    draft: list[int] = []  # the guesses fed after the last accepted token in the pass that made `logits`
-    produced = 0
-    while True:
-        # Row j of logits is the distribution after the last accepted token and draft[:j].
-        base = cache.length - logits.shape[1]  # cache positions before this pass's tokens
-        for j in range(logits.shape[1]):
-            row = logits[:, j]  # (1, V)
-            scores = row if controls is None else controls.apply(row, sequence[0], produced, stop_ids)
-            next_id = sampler(scores, sequence)  # (1,)
-            token_id = int(next_id[0])
-            guessed = j < len(draft) and token_id == draft[j]
-            produced += 1
-            yield Step(token_id, torch.log_softmax(row[0].float(), dim=-1), drafted=guessed)
-            if token_id in stop_ids or produced == max_new_tokens:
-                return
-            if max_time is not None and time.perf_counter() - started >= max_time:
-                return
-            sequence = torch.cat([sequence, next_id.view(1, 1)], dim=1)
-            index.extend([token_id])
-            if not guessed:  # rows after j were computed after a wrong guess (or there are none)
-                break
-        # Keep the cache entries of the tokens accepted: the pass's first token and draft[:j].
-        cache.truncate(base + j + 1)
-        # No use guessing beyond the last token to be produced (it needs no pass after it).
-        draft = index.draft(min(draft_tokens, max_new_tokens - produced - 1))
-        pass_ids = torch.tensor([[token_id] + draft], dtype=torch.long, device=device)  # (1, 1 + k)
-        logits = model(pass_ids, cache)  # (1, 1 + k, V)

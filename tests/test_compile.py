@@ -50,7 +50,7 @@ def test_compiled_decode_matches_transformers(pairs):
 def test_prompt_lookup_runs_both_graphs_on_one_cache(pairs):
     """Single-position steps and prompt lookup's checking passes (a token and its guesses) run
     through two compiled graphs, taking turns on one cache, and give transformers' greedy tokens."""
-    from lucidlm.prompt_lookup import prompt_lookup_tokens
+    from lucidlm.generate import generate_tokens
     from lucidlm.sampling import SamplingParams, make_sampler
 
     hf, ours = pairs[0]
@@ -58,7 +58,7 @@ def test_prompt_lookup_runs_both_graphs_on_one_cache(pairs):
     ids = list(prompt)  # grown by HF's greedy choice, token by token
     for _ in range(20):
         ids.append(int(hf_logits(hf, ids)[-1].argmax()))
-    steps = list(prompt_lookup_tokens(ours, prompt, make_sampler(SamplingParams()), 20, 3))
+    steps = list(generate_tokens(ours, prompt, make_sampler(SamplingParams()), 20, prompt_lookup=3))
     assert ours.forward.graph_kinds == {"one position", "several positions"}
     assert [s.token_id for s in steps] == ids[len(prompt):]
     assert any(s.drafted for s in steps) and not all(s.drafted for s in steps[1:])

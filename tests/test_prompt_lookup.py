@@ -22,7 +22,8 @@ from lucidlm.cache import KVCache
 from lucidlm.decoding import DecodingOptions, token_steps
 from lucidlm.errors import InvalidArgumentError
 from lucidlm.generate import GenerationStats, TextStream
-from lucidlm.prompt_lookup import NgramIndex, prompt_lookup_tokens
+from lucidlm.generate import generate_tokens
+from lucidlm.prompt_lookup import NgramIndex
 from lucidlm.sampling import SamplingParams, make_sampler
 from test_sampling import assert_frequencies_match
 from tiny_llama import hf_logits, tiny_llama_pair
@@ -78,7 +79,7 @@ def test_greedy_with_guesses_gives_transformers_greedy_tokens(pair):
     reference = hf_logits(hf, REPETITIVE_PROMPT + expected).log_softmax(-1)[len(REPETITIVE_PROMPT) - 1:]
     sizes, handle = _pass_sizes(ours)
     try:
-        steps = list(prompt_lookup_tokens(ours, REPETITIVE_PROMPT, make_sampler(SamplingParams()), new, 4))
+        steps = list(generate_tokens(ours, REPETITIVE_PROMPT, make_sampler(SamplingParams()), new, prompt_lookup=4))
     finally:
         handle.remove()
     assert [s.token_id for s in steps] == expected
@@ -93,13 +94,13 @@ def test_greedy_with_guesses_gives_transformers_greedy_tokens(pair):
 
 def test_stop_ids_and_max_new_tokens_end_a_pass_early(pair):
     _, ours = pair
-    greedy = [s.token_id for s in prompt_lookup_tokens(ours, REPETITIVE_PROMPT, make_sampler(SamplingParams()), 40, 0)]
+    greedy = [s.token_id for s in generate_tokens(ours, REPETITIVE_PROMPT, make_sampler(SamplingParams()), 40, prompt_lookup=0)]
     stop = greedy[25]
     first_stop = greedy.index(stop)
-    steps = list(prompt_lookup_tokens(ours, REPETITIVE_PROMPT, make_sampler(SamplingParams()), 40, 4, stop_ids={stop}))
+    steps = list(generate_tokens(ours, REPETITIVE_PROMPT, make_sampler(SamplingParams()), 40, stop_ids={stop}, prompt_lookup=4))
     assert [s.token_id for s in steps] == greedy[:first_stop + 1]
     for n in (1, 2, 7):
-        steps = list(prompt_lookup_tokens(ours, REPETITIVE_PROMPT, make_sampler(SamplingParams()), n, 4))
+        steps = list(generate_tokens(ours, REPETITIVE_PROMPT, make_sampler(SamplingParams()), n, prompt_lookup=4))
         assert [s.token_id for s in steps] == greedy[:n]
 
 
@@ -128,7 +129,7 @@ def test_sampling_with_guesses_draws_from_the_model_distribution(pair):
     counts = dict.fromkeys(expected, 0)
     accepted = 0
     for _ in range(draws):
-        steps = list(prompt_lookup_tokens(ours, greedy, sampler, 3, 2))
+        steps = list(generate_tokens(ours, greedy, sampler, 3, prompt_lookup=2))
         counts[tuple(s.token_id for s in steps)] += 1  # a sequence outside the support: KeyError
         accepted += sum(s.drafted for s in steps)
     assert accepted > draws // 20, "the test must exercise accepted guesses"
@@ -148,7 +149,7 @@ def test_text_stream_counts_the_confirmed_guesses(pair):
             return ""
 
     stats = GenerationStats()
-    steps = list(prompt_lookup_tokens(ours, REPETITIVE_PROMPT, make_sampler(SamplingParams()), 30, 4))
+    steps = list(generate_tokens(ours, REPETITIVE_PROMPT, make_sampler(SamplingParams()), 30, prompt_lookup=4))
     "".join(TextStream(iter(steps), Digits(), (), [], stats, 0.0))
     assert stats.drafted_tokens == sum(s.drafted for s in steps) > 0
     assert f"{stats.drafted_tokens} of them from prompt lookup" in stats.summary()
