@@ -245,19 +245,21 @@ def test_generation_stats_leave_compilation_out():
     assert stream(ours).compile_seconds == 0  # compiled once: the next generation pays nothing
 
 
-def test_without_a_cxx_compiler_decoding_warns_and_stays_eager(monkeypatch):
+def test_without_a_cxx_compiler_decoding_warns_and_stays_eager():
     """No working C++ compiler (Inductor's CPU backend needs one): a warning, and correct logits."""
     import torch._inductor.config as inductor_config
 
     hf, ours = tiny_llama_pair(2)
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/g++",))
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # no cached build to fall back on
+    # inductor_config.patch, not monkeypatch: monkeypatch's undo leaves `fx_graph_cache` hidden
+    # ("does not exist") and every later compilation in the process fails.
+    no_compiler = {"cpp.cxx": ("/nonexistent/g++",), "fx_graph_cache": False}  # and no cached build to fall back on
     torch._dynamo.reset()  # nor graphs compiled by the tests above
     try:
-        installed = compile_decode(ours, progress=False)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            actual = decode_logits(ours, PROMPT, CONTINUATION[:4])
+        with inductor_config.patch(no_compiler):
+            installed = compile_decode(ours, progress=False)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                actual = decode_logits(ours, PROMPT, CONTINUATION[:4])
     finally:
         torch._dynamo.reset()
     assert installed.state.startswith("failed") and "C++ compiler" in installed.state

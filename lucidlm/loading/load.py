@@ -14,7 +14,8 @@ Three ways to hold the weights (`dtype`):
                 4-bit values exact, scales in bfloat16), the Q8_0 embedding table stays
                 Q8_0, read from the mapped file row by row (`Q8Embedding`, exact lookups),
                 other quantized matrices (Q5_0, Q6_K, Q8_0, a tied LM head) become int8
-                per row (`Int8Linear`); activations and KV cache stay float32; the
+                per row (`Int8Linear`; a head larger than the blocks together, as Gemma 3's, an
+                `Int8Head`: `models.packed_head`); activations and KV cache stay float32; the
                 kernels of a few rows (decode) take and give bfloat16.
                 The fastest on CPU and the smallest in memory; `bench/quality.py` measures
                 what it changes in the next-token distribution (less than llama.cpp).
@@ -33,6 +34,7 @@ from ..models.gemma3 import Gemma3
 from ..models.llama import Llama
 from ..models.fusion import fuse_projections
 from ..models.packed import Int4Linear, Int8Linear, Q8Embedding
+from ..models.packed_head import use_int8_head_where_it_pays
 from ..progress import Progress
 from ..tokenizers import BPETokenizer
 from ..tokenizers.registry import tokenizer_from_gguf_metadata
@@ -169,6 +171,8 @@ def load_gguf(path: str | Path, dtype: str = "float32", progress: bool = True) -
             module.pack()  # the int4 kernel's tiled copy, built once per (stacked) layer
             if n % 16 == 15:
                 release_freed_memory()  # the packing's temporaries (4 bytes a weight) would pile up otherwise
+        release_freed_memory()  # before FBGEMM's copy of a large head is made beside it
+        use_int8_head_where_it_pays(model)
     model.compute_dtype = matrix_dtype
     model.eval()
     gguf.close()  # every tensor has been copied out; drop the mapped pages of the file

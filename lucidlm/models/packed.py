@@ -13,9 +13,11 @@ which unpack the weights inside the matrix multiply:
                  Kernel: aten._weight_int4pack_mm_for_cpu (needs N % 16 == 0; the loader
                  falls back to Int8Linear otherwise).
     Int8Linear   8-bit values with one scale per output row: w = scale[row] * q,  q in
-                 -127..127. Used for a Q8_0 LM head (tied to the embedding), re-quantized
-                 per row: a small loss, measured by bench/quality.py.
-                 Kernel: torch._weight_int8pack_mm.
+                 -127..127. Used for Q5_0/Q6_K/Q8_0 matrices and the LM head (a tied Q8_0
+                 one re-quantized per row: a small loss, measured by bench/quality.py).
+                 Kernel: torch._weight_int8pack_mm. A head larger than all the blocks (Gemma 3's)
+                 is an `Int8Head` (models/packed_head.py): FBGEMM's integer kernel instead,
+                 its best candidates recomputed exactly.
     Q8Embedding  the Q8_0 embedding table as stored (int8, a scale per 32), left in the
                  memory-mapped file: exact lookups, and only the rows looked up are read.
 
@@ -25,7 +27,8 @@ stay, as `RowSlice` views of the fused rows.
 
 Activations enter these kernels in bfloat16 (the CPU kernels require it: given float32 they
 run a reference loop ~10x slower) and their results come out rounded to bfloat16 (8 significant
-bits: logits of 16-32 are resolved to 0.125), then continue in the caller's dtype: the model's
+bits: logits of 16-32 are resolved to 0.125, except an `Int8Head`'s best, recomputed in float32),
+then continue in the caller's dtype: the model's
 activations, residual stream and KV cache stay float32 (on CPUs without AVX-512 BF16, such as
 ours, bfloat16 elementwise work and matmuls are slower than float32). Many rows at once (a
 prefill) take the dense path instead, float32 throughout on the decoded weights: no rounding
