@@ -171,8 +171,7 @@ def load_gguf(path: str | Path, dtype: str = "float32", progress: bool = True) -
             module.pack()  # the int4 kernel's tiled copy, built once per (stacked) layer
             if n % 16 == 15:
                 release_freed_memory()  # the packing's temporaries (4 bytes a weight) would pile up otherwise
-        release_freed_memory()  # before FBGEMM's copy of a large head is made beside it
-        use_int8_head_where_it_pays(model)
+        use_int8_head_where_it_pays(model, release_freed_memory)
     model.compute_dtype = matrix_dtype
     model.eval()
     gguf.close()  # every tensor has been copied out; drop the mapped pages of the file

@@ -40,6 +40,7 @@ within the noise, 44.5 -> 46.0 compiled), see bench/RESULTS.md.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 import warnings
 import weakref
 
@@ -47,7 +48,7 @@ import torch
 
 from .packed import Int4Linear, Int8Linear
 
-RESCORED = 2048  # candidates recomputed exactly per row (KL vs count: bench/head_int8_dynamic.py, RESULTS.md)
+RESCORED = 2048  # candidates recomputed exactly per row (KL vs count: bench/head_ab.py --kl, RESULTS.md)
 
 # FBGEMM's packed matrices, by key. They are TorchScript objects, which torch.compile cannot
 # take as arguments of a traced call, so the operator below takes the key (an int) instead.
@@ -85,8 +86,9 @@ def _prepack(q: torch.Tensor, scale: torch.Tensor) -> int | None:
             warnings.simplefilter("ignore")
             for start in range(0, len(q), PREPACK_ROWS):  # in slices: loading peaks at one slice's temporaries
                 rows = slice(start, start + PREPACK_ROWS)
-                zero = torch.zeros(len(q[rows]), dtype=torch.long)
-                weight = torch._make_per_channel_quantized_tensor(q[rows].contiguous(), scale[rows].double(), zero, 0)
+                part = q[rows].contiguous()
+                zero = torch.zeros(len(part), dtype=torch.long)
+                weight = torch._make_per_channel_quantized_tensor(part, scale[rows].double(), zero, 0)
                 parts.append(torch.ops.quantized.linear_prepack(weight, None))
     except (RuntimeError, AttributeError, NotImplementedError):
         return None
@@ -131,13 +133,16 @@ class Int8Head(Int8Linear):
         return logits.scatter_(-1, best, exact)
 
 
-def use_int8_head_where_it_pays(model: torch.nn.Module) -> None:
+def use_int8_head_where_it_pays(model: torch.nn.Module, release_memory: Callable[[], None] | None = None) -> None:
     """Make a packed model's int8 LM head an `Int8Head` if it holds more weights than all the
-    blocks' packed matrices together (module docstring: where the speed is worth the memory)."""
+    blocks' packed matrices together (module docstring: where the speed is worth the memory).
+    `release_memory` runs first where it does, so FBGEMM's copy does not pile onto freed memory."""
     head = getattr(model, "lm_head", None)
     if type(head) is not Int8Linear:
         return
     blocks = sum(m.in_features * m.out_features for m in model.modules()
                  if isinstance(m, (Int4Linear, Int8Linear)) and m is not head)
     if head.in_features * head.out_features > blocks:
+        if release_memory is not None:
+            release_memory()
         model.lm_head = Int8Head.from_linear(head)
