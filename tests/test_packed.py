@@ -297,7 +297,10 @@ def test_int4_rejects_rows_not_in_groups_of_32():
         Int4Linear(q, torch.ones(16, 1), torch.zeros(16, 1))
 
 
-@pytest.mark.parametrize("shape", [(32, 64), (48, 64), (16, 576), (112, 96)], ids=["one-block", "block-and-16", "16", "3-blocks-and-16"])
+# Shapes that leave every kind of last block in both vector layouts (blocks of 64 rows with
+# AVX-512, of 32 with AVX2): 16, 32 and 48 rows after full blocks, or no full block at all.
+@pytest.mark.parametrize("shape", [(32, 64), (48, 64), (16, 576), (112, 96), (80, 64), (96, 32), (176, 96), (128, 64)],
+                         ids=["32", "48", "16", "112", "64-and-16", "64-and-32", "128-and-48", "128"])
 def test_int4_keeps_one_copy_and_reads_it_back(shape):
     """After packing, the kernel's tiled copy is the only copy of the 4-bit values (0.5 bytes a
     weight); the values, `.weight` and any rows of it decode from that copy. Oracle: the q,
@@ -318,18 +321,53 @@ def test_int4_keeps_one_copy_and_reads_it_back(shape):
         assert torch.equal(layer.weight_rows(start, stop), layer.weight[start:stop]), (start, stop)
 
 
+_LAYOUT_CHECK = """
+import torch
+from lucidlm.models.packed import Int4Linear, packed_layout
+g = torch.Generator().manual_seed(0)
+for N, K in [(176, 96), (96, 64), (32, 32)]:
+    q = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
+    scale, offset = torch.rand(N, K // 32, generator=g) + 0.1, torch.randn(N, K // 32, generator=g)
+    layer = Int4Linear(q, scale, offset)
+    assert torch.equal(layer.values(), q), (N, K)
+    x = torch.randn(3, K, generator=g)
+    exact = x.double() @ layer.weight.double().t()  # the decoded weight, which the kernel must agree with
+    kernel = layer.kernel_matmul(x).double()
+    assert ((kernel - exact).abs() <= 0.02 * exact.abs() + 0.05 * exact.abs().max()).all(), (N, K)
+print(torch.backends.cpu.get_cpu_capability(), tuple(packed_layout()))
+"""
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+def test_int4_layout_of_each_cpu_build(capability):
+    """PyTorch's int4 packing depends on the instruction set it dispatches to (blocks of 64 rows
+    with AVX-512, 32 with AVX2, another pairing without vectors): on each (chosen with
+    ATEN_CPU_CAPABILITY, in a fresh process), the 4-bit values read back from the kernel's copy
+    are the ones given, and the kernel's product agrees with the weight read back (a misread
+    layout gives rows of other rows' values: errors of the weights' own size)."""
+    import os
+
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    result = subprocess.run([sys.executable, "-c", _LAYOUT_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    reached, layout = result.stdout.split(maxsplit=1)
+    if reached.lower() != capability:  # a CPU without AVX-512 runs its best build instead
+        pytest.skip(f"this CPU runs {reached} when asked for {capability}")
+    assert layout.strip() == {"default": "(32, False)", "avx2": "(32, True)", "avx512": "(64, True)"}[capability]
+
+
 def test_int4_unreadable_packing_is_a_clear_error(monkeypatch):
     """Int4Linear reads the kernel's packed bytes itself: a PyTorch that lays them out
     differently must fail loudly at packing, not decode garbage in prefill."""
     from lucidlm.models import packed
 
     monkeypatch.setattr(packed, "_int4pack", lambda q: packed._row_nibbles(q.to(torch.uint8)))  # another layout
-    packed._check_packed_layout.cache_clear()
+    packed.packed_layout.cache_clear()
     try:
         with pytest.raises(UnsupportedError, match="layout LucidLM cannot read"):
             Int4Linear(torch.zeros(32, 64, dtype=torch.uint8), torch.ones(32, 2), torch.zeros(32, 2))
     finally:
-        packed._check_packed_layout.cache_clear()
+        packed.packed_layout.cache_clear()
 
 
 @pytest.mark.parametrize("kind", ["int4", "int8"])
@@ -339,17 +377,19 @@ def test_dense_path_in_row_slices(monkeypatch, kind):
     from lucidlm.models import packed
 
     if kind == "int4":
-        layer, W, b, w_err = _int4_case("Q4_1", True, shape=(112, 256), bias=True)  # 3 blocks of 32 and 16 rows
+        layer, W, b, w_err = _int4_case("Q4_1", True, shape=(112, 256), bias=True)  # 3 blocks of 32 and 16 rows (AVX-512: 64 and 48)
     else:
         W, b = _rows_of_varied_scale(100, 256, seed=4), None
         layer = Int8Linear.quantize(W)
         W, w_err = layer.weight, torch.zeros(100, 256, dtype=torch.float64)
     x = _inputs(DENSE_FROM_ROWS + 3, 256, seed=8)
     whole = layer(x)
-    monkeypatch.setattr(packed, "DENSE_CHUNK", 32 * 256)  # slices of 32 rows
+    rows = packed.packed_layout().block_rows if kind == "int4" else 32  # int4 slices hold whole blocks of the kernel's rows
+    monkeypatch.setattr(packed, "DENSE_CHUNK", rows * 256)  # slices of `rows` rows
+    monkeypatch.setattr(packed._DECODE_BUFFER, "tensor", torch.empty(0))  # not a larger one left by an earlier test
     with torch.inference_mode():  # (the buffer is reused only without autograd)
         sliced = layer(x)
-        assert packed._DECODE_BUFFER.tensor.numel() <= 32 * 256
+        assert packed._DECODE_BUFFER.tensor.numel() <= rows * 256
     _assert_within_bound(sliced, x, W, b, w_err, "sliced")
     _assert_within_bound(whole, x, W, b, w_err, "whole")
 

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -75,11 +75,12 @@ class Int4Linear(nn.Module):
     dense matmul (2-3x faster than the int4 kernel there). Until `pack()` (the loader stacks
     layers first) the values wait in `nibbles`, two per byte in row order.
 
-    The kernel's layout (PyTorch 2.13's `_convert_weight_to_int4pack_for_cpu`; checked once
-    by `_check_packed_layout`): rows in blocks of 32, each block K * 16 bytes, byte
-    [block, k, j] holding W[32 block + j, k] in its low nibble and W[32 block + 16 + j, k] in
-    its high one; a last block of 16 rows (N % 32 == 16) is K * 8 bytes, byte [k, j] holding
-    rows 2j (low) and 2j + 1 (high).
+    The kernel's layout (PyTorch 2.13's `_convert_weight_to_int4pack_for_cpu`) depends on the
+    instruction set PyTorch dispatches to: rows in blocks of R (64 with AVX-512, 32 otherwise),
+    each block K * R/2 bytes, byte [block, k, j] holding W[R block + j, k] in its low nibble
+    and W[R block + R/2 + j, k] in its high one (without AVX2, rows 2j and 2j + 1 instead); a
+    last, smaller block of r rows (N % R: 16, 32 or 48) is K * r/2 bytes, byte [k, j] holding
+    rows 2j (low) and 2j + 1 (high). `packed_layout()` finds which by packing a probe once.
     """
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bias: torch.Tensor | None = None,
@@ -106,7 +107,7 @@ class Int4Linear(nn.Module):
         """Build the kernel's tiled copy of the 4-bit values (if not built yet) and drop the
         row-order one."""
         if self.packed is None:
-            _check_packed_layout()
+            packed_layout()  # fails loudly here, before any garbage could be decoded
             self.packed, self.nibbles = _int4pack(self.values()), None
 
     @staticmethod
@@ -149,22 +150,9 @@ class Int4Linear(nn.Module):
 
     def _codes_t(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         """q - 8 (-8..7) of rows [start, stop) from `packed`, written transposed into `out`
-        (K, stop - start) (float32 or int8; the kernel's layout is in the class docstring).
-        start is a multiple of 32, stop too or N."""
-        K, blocks_end = self.in_features, self.out_features // 32 * 32
-        codes = self.packed.view(torch.uint8)
-        if start < min(stop, blocks_end):
-            end = min(stop, blocks_end)
-            blocks = codes[start:end].view((end - start) // 32, K, 16)  # byte [block, k, j]
-            rows = out[:, :end - start].view(K, (end - start) // 32, 2, 16)  # [k, block, low/high, j]
-            rows[:, :, 0].copy_((blocks & 0x0F).view(torch.int8).sub_(8).transpose(0, 1))
-            rows[:, :, 1].copy_((blocks >> 4).view(torch.int8).sub_(8).transpose(0, 1))
-        if stop > blocks_end:  # the last 16 rows: byte [k, j] holds rows 2j and 2j + 1
-            pairs = codes[blocks_end:].view(K, 8)
-            rows = out[:, blocks_end - start:].view(K, 8, 2)
-            rows[:, :, 0].copy_((pairs & 0x0F).view(torch.int8).sub_(8))
-            rows[:, :, 1].copy_((pairs >> 4).view(torch.int8).sub_(8))
-        return out
+        (K, stop - start) (float32 or int8). start is a multiple of the layout's block rows, stop
+        too or N."""
+        return packed_layout().codes_t(self.packed.view(torch.uint8), self.out_features, start, stop, out)
 
     def _weight_t(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         """Rows [start, stop) of W transposed, (K, rows) float32 written into `out`: (q - 8) *
@@ -183,8 +171,9 @@ class Int4Linear(nn.Module):
         return self.weight_rows(0, self.out_features)
 
     def weight_rows(self, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of `weight`, decoding only the blocks of 32 rows that hold them."""
-        first, last = start // 32 * 32, min(-(-stop // 32) * 32, self.out_features)
+        """Rows [start, stop) of `weight`, decoding only the kernel's blocks of rows that hold them."""
+        block = packed_layout().block_rows
+        first, last = start // block * block, min(-(-stop // block) * block, self.out_features)
         wt = self._weight_t(first, last, torch.empty(self.in_features * (last - first)))
         return wt.t()[start - first:stop - first].contiguous()
 
@@ -205,7 +194,8 @@ class Int4Linear(nn.Module):
         """(M, K) -> (M, N) float32: the product `kernel_matmul` computes (the same weights: its
         bfloat16 scales), as float32 matmuls on the unpacked weight, faster for many rows. Neither x
         nor the result is rounded to bfloat16, so it is the more exact of the two."""
-        return _dense_matmul(x, self.out_features, lambda i, j, buffer: self._weight_t(i, j, buffer).t(), align=32)
+        return _dense_matmul(x, self.out_features, lambda i, j, buffer: self._weight_t(i, j, buffer).t(),
+                             align=packed_layout().block_rows)
 
 
 def _row_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -218,16 +208,57 @@ def _int4pack(q: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), _INNER_K_TILES)
 
 
+class PackedLayout(NamedTuple):
+    """Where the int4 kernel's packing puts each 4-bit value (see `Int4Linear`).
+
+    block_rows: rows per full block (the kernel's BLOCK_N, 4 x its float vector width: 64 with
+    AVX-512, 32 with AVX2 or none). halves: in a full block, byte j pairs row j with row
+    j + block_rows/2 (what the vectorized kernels unpack in one shift); False: rows 2j and
+    2j + 1, as in the last, smaller block of every build.
+    """
+
+    block_rows: int
+    halves: bool
+
+    def codes_t(self, codes: torch.Tensor, N: int, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """q - 8 of rows [start, stop) of a packed (N, K) matrix (`codes`: its bytes, (N, K/2)
+        uint8), transposed into out (K, stop - start)."""
+        K, R = out.shape[0], self.block_rows
+        blocks_end = N // R * R
+        if start < min(stop, blocks_end):
+            end = min(stop, blocks_end)
+            blocks = codes[start:end].view((end - start) // R, K, R // 2)  # byte [block, k, j]
+            rows = out[:, :end - start].view(K, (end - start) // R, *((2, R // 2) if self.halves else (R // 2, 2)))
+            low, high = (rows[:, :, 0], rows[:, :, 1]) if self.halves else (rows[..., 0], rows[..., 1])
+            low.copy_((blocks & 0x0F).view(torch.int8).sub_(8).transpose(0, 1))
+            high.copy_((blocks >> 4).view(torch.int8).sub_(8).transpose(0, 1))
+        if stop > blocks_end:  # the last N % R rows: byte [k, j] holds rows 2j and 2j + 1
+            pairs = codes[blocks_end:].view(K, (N - blocks_end) // 2)
+            rows = out[:, blocks_end - start:].view(K, (N - blocks_end) // 2, 2)
+            rows[..., 0].copy_((pairs & 0x0F).view(torch.int8).sub_(8))
+            rows[..., 1].copy_((pairs >> 4).view(torch.int8).sub_(8))
+        return out
+
+
+# Every layout of PyTorch 2.13's CPU builds (its ATen/native/cpu/int4mm_kernel.cpp): AVX-512, AVX2, no vectors.
+_KNOWN_LAYOUTS = (PackedLayout(64, True), PackedLayout(32, True), PackedLayout(32, False))
+
+
 @functools.cache
-def _check_packed_layout() -> None:
-    """Int4Linear reads the kernel's packed bytes itself (prefill, `.weight`): make sure this
-    PyTorch lays them out as it expects (48 rows: a block of 32 and a last block of 16)."""
-    q = torch.arange(48 * 64).remainder(13).view(48, 64).to(torch.uint8)  # no pattern of period 16
-    layer = Int4Linear(q, torch.ones(48, 2), torch.zeros(48, 2), pack=False)
-    layer.packed, layer.nibbles = _int4pack(q), None
-    if not torch.equal(layer.values(), q):
-        raise UnsupportedError(f"PyTorch {torch.__version__} packs int4 weights in a layout LucidLM cannot read; "
-                               "load with dtype='float32' (or 'bfloat16'), or use PyTorch 2.13")
+def packed_layout() -> PackedLayout:
+    """The layout this PyTorch, on this CPU, packs int4 weights in: Int4Linear reads the kernel's
+    packed bytes itself (prefill, `.weight`), so it packs a probe (two full blocks of the widest
+    layout and a last block of 16 rows) and keeps the known layout that reads it back; none is a
+    clear error, never garbage decoded in a prefill."""
+    N, K = 144, 64
+    q = torch.arange(N * K).remainder(13).view(N, K).to(torch.uint8)  # no pattern of period 16
+    codes = _int4pack(q).view(torch.uint8).reshape(N, K // 2)
+    for layout in _KNOWN_LAYOUTS:
+        if torch.equal(layout.codes_t(codes, N, 0, N, torch.empty(K, N, dtype=torch.int8)).t() + 8, q):
+            return layout
+    raise UnsupportedError(f"PyTorch {torch.__version__} packs int4 weights in a layout LucidLM cannot read "
+                           f"(CPU capability {torch.backends.cpu.get_cpu_capability()}); load with "
+                           "dtype='float32' (or 'bfloat16'), or use PyTorch 2.13")
 
 
 # Prefill's dense path decodes a weight to float32 on every call. It does so into one buffer
