@@ -15,7 +15,7 @@ Three ways to hold the weights (`dtype`):
                 Q8_0, read from the mapped file row by row (`Q8Embedding`, exact lookups),
                 other quantized matrices (Q5_0, Q6_K, Q8_0, a tied LM head) become int8
                 per row (`Int8Linear`; a head larger than the blocks together, as Gemma 3's, an
-                `Int8Head`: `models.packed_head`); activations and KV cache stay float32; the
+                `Int8Head` where PyTorch runs AVX2 kernels: `models.packed_head`); activations and KV cache stay float32; the
                 kernels of a few rows (decode) take and give bfloat16.
                 The fastest on CPU and the smallest in memory; `bench/quality.py` measures
                 what it changes in the next-token distribution (less than llama.cpp).

@@ -34,7 +34,9 @@ rescoring, the dense path and `.weight` read), and pads its rows to a multiple o
 the head an `Int8Head` only where the head holds more weights than all the blocks together,
 which is where it is a large part of a decode step: Gemma 3 270M (168 M of 268 M weights; its
 decode 1.10x faster eager, 1.14x compiled), not SmolLM2 135M (28 M of 135 M; decode unchanged
-within the noise, 44.5 -> 46.0 compiled), see bench/RESULTS.md.
+within the noise, 44.5 -> 46.0 compiled), see bench/RESULTS.md. All of this on a CPU where
+PyTorch runs its AVX2 kernels: its AVX-512 build of the weight-only kernel is ~10x faster, and
+beats the two stages there (Gemma 3 decode 70.9 vs 63.9 tok/s), so AVX-512 CPUs keep it.
 """
 
 from __future__ import annotations
@@ -133,12 +135,19 @@ class Int8Head(Int8Linear):
         return logits.scatter_(-1, best, exact)
 
 
+# PyTorch CPU builds whose int8 weight-only kernel is already faster than the two stages: its
+# AVX-512 build reads SmolLM2's head (28 M weights) in 0.37 ms, ~10x its AVX2 build, and Gemma 3
+# decodes 70.9 tok/s with it vs 63.9 with the two stages (bench/head_ab.py, RESULTS.md).
+WEIGHT_ONLY_IS_FASTER_ON = frozenset({"AVX512"})
+
+
 def use_int8_head_where_it_pays(model: torch.nn.Module, release_memory: Callable[[], None] | None = None) -> None:
     """Make a packed model's int8 LM head an `Int8Head` if it holds more weights than all the
-    blocks' packed matrices together (module docstring: where the speed is worth the memory).
+    blocks' packed matrices together (module docstring: where the speed is worth the memory),
+    unless PyTorch runs its weight-only kernel's fast build on this CPU (`WEIGHT_ONLY_IS_FASTER_ON`).
     `release_memory` runs first where it does, so FBGEMM's copy does not pile onto freed memory."""
     head = getattr(model, "lm_head", None)
-    if type(head) is not Int8Linear:
+    if type(head) is not Int8Linear or torch.backends.cpu.get_cpu_capability() in WEIGHT_ONLY_IS_FASTER_ON:
         return
     blocks = sum(m.in_features * m.out_features for m in model.modules()
                  if isinstance(m, (Int4Linear, Int8Linear)) and m is not head)
