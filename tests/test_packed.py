@@ -143,7 +143,8 @@ def test_affine_4bit_rejects_other_types():
 # (the dense path for many rows computes the same numbers with a float32 matmul, so that a
 # prompt gives the same logits at once or token by token), and return bfloat16.
 
-def _kernel_bound(x: torch.Tensor, w_abs_err: torch.Tensor, w_abs: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+def _kernel_bound(x: torch.Tensor, w_abs_err: torch.Tensor, w_abs: torch.Tensor, ref: torch.Tensor,
+                  weights_rounded: bool = False) -> torch.Tensor:
     """Element-wise bound on |layer(x) - x Wᵀ| for a layer that rounds x to bfloat16, uses
     weights off by at most `w_abs_err` (bfloat16 scales), accumulates in float32 and rounds
     the output to bfloat16:
@@ -151,9 +152,13 @@ def _kernel_bound(x: torch.Tensor, w_abs_err: torch.Tensor, w_abs: torch.Tensor,
         |x̃ w̃ - x w| <= |x̃| |w̃ - w| + |x̃ - x| |w| <= (1+u) |x| w_abs_err + u |x| |w|
         float32 accumulation over K terms: K 2^-24 |x| |w|;  output rounding: u |y|
 
+    weights_rounded: the decoded weights are rounded to bfloat16 as well (the dense path where
+    DENSE_DTYPE is bfloat16), u |w̃| more per weight: w_abs_err grows by u (|w| + w_abs_err).
     Everything in float64 (x (M, K); w_abs_err, w_abs (N, K); ref = x Wᵀ (M, N))."""
     K = x.shape[-1]
     xa = x.abs()
+    if weights_rounded:
+        w_abs_err = w_abs_err + U_BF16 * (w_abs + w_abs_err)
     total = (1 + U_BF16) * (xa @ w_abs_err.T) + (U_BF16 + K * 2.0**-24) * (xa @ w_abs.T)
     return 1.01 * (total + U_BF16 * (ref.abs() + total)) + 1e-30
 
@@ -183,8 +188,11 @@ def _reference(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torc
 
 
 def _assert_within_bound(y, x, W, b, w_err, what):
+    from lucidlm.models import packed
+
     ref = _reference(x, W, b)
-    bound = _kernel_bound(x.double(), w_err, W.double().abs(), ref)
+    dense_bf16 = x.reshape(-1, x.shape[-1]).shape[0] >= DENSE_FROM_ROWS and packed.DENSE_DTYPE == torch.bfloat16
+    bound = _kernel_bound(x.double(), w_err, W.double().abs(), ref, weights_rounded=dense_bf16)
     excess = (y.double() - ref).abs() - bound
     assert excess.max() <= 0, f"{what}: exceeds the bfloat16 bound by {excess.max():.3g}"
     # The typical error is the bfloat16 rounding of the output (~u/sqrt(3) relative), far below 1 %.
@@ -207,7 +215,11 @@ def test_int4_exact_when_scales_are_bfloat16_numbers():
     """Scales 2^e and offsets scale * (-120..120): scale, offset and zero = offset + 8 scale are
     all bfloat16 numbers, so the layer's weights are exactly q * scale + offset. The kernel (few
     rows) rounds x and its output to bfloat16: no other error. The dense path (many rows)
-    computes in float32 throughout: only float32 accumulation error."""
+    computes in float32 throughout (only float32 accumulation error), or where DENSE_DTYPE is
+    bfloat16 (AVX-512 BF16 CPUs) rounds x and the output as the kernel does (the weights, integers
+    of -120..135 times a power of 2, are bfloat16 numbers)."""
+    from lucidlm.models import packed
+
     N, K = 32, 256
     g = torch.Generator().manual_seed(0)
     q = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
@@ -218,11 +230,11 @@ def test_int4_exact_when_scales_are_bfloat16_numbers():
     assert torch.equal(layer.weight, W)
     for m in (1, 7, DENSE_FROM_ROWS - 1, DENSE_FROM_ROWS, 50):
         x = _inputs(m, K, seed=m)
-        kernel = m < DENSE_FROM_ROWS
-        exact = (x.bfloat16() if kernel else x).double() @ W.double().T  # float64: no accumulation error to speak of
+        rounded = m < DENSE_FROM_ROWS or packed.DENSE_DTYPE == torch.bfloat16
+        exact = (x.bfloat16() if rounded else x).double() @ W.double().T  # float64: no accumulation error to speak of
         accumulation = K * 2.0**-24 * (x.double().abs() @ W.double().abs().T)
         err = (layer(x).double() - exact).abs()
-        output_rounding = U_BF16 if kernel else 2.0**-24
+        output_rounding = U_BF16 if rounded else 2.0**-24
         assert (err <= output_rounding * (exact.abs() + accumulation) + accumulation).all(), m
 
 

@@ -29,11 +29,13 @@ Activations enter these kernels in bfloat16 (the CPU kernels require it: given f
 run a reference loop ~10x slower) and their results come out rounded to bfloat16 (8 significant
 bits: logits of 16-32 are resolved to 0.125, except an `Int8Head`'s best, recomputed in float32),
 then continue in the caller's dtype: the model's
-activations, residual stream and KV cache stay float32 (on CPUs without AVX-512 BF16, such as
-ours, bfloat16 elementwise work and matmuls are slower than float32). Many rows at once (a
-prefill) take the dense path instead, float32 throughout on the decoded weights: no rounding
-of x or of the result, so a prompt's logits come out closer to the exact ones than a decode
-step's. `bench/quality.py` measures the total effect; use dtype="float32" where exact
+activations, residual stream and KV cache stay float32 (on CPUs without AVX-512 BF16,
+bfloat16 elementwise work and matmuls are slower than float32). Many rows at once (a
+prefill) take the dense path instead, a matmul on the decoded weights: float32 throughout (no
+rounding of x or of the result, so a prompt's logits come out closer to the exact ones than a
+decode step's), or, on CPUs with AVX-512 BF16, x and the decoded weights rounded to bfloat16
+and multiplied with float32 accumulation (`DENSE_DTYPE`: 3-4x faster matmuls there, about the
+decode kernels' rounding). `bench/quality.py` measures the total effect; use dtype="float32" where exact
 log-probabilities matter. Both modules look like nn.Linear from outside: `in_features`,
 `out_features`, `forward(x)`, and a `weight` property that rebuilds the float32 matrix on
 demand for introspection (the logit lens, embedding maps), not for computing.
@@ -57,13 +59,28 @@ GROUP = 32  # values sharing one scale and offset (the ggml block size)
 # number of 16-wide K tiles per pack, the value PyTorch's own int4 CPU path uses.
 _INNER_K_TILES = 2
 
-# With many rows (a prefill) it pays to unpack the weight to float32 once per call and run a
-# dense float32 matmul, instead of the weight-only kernels, which redo their unpacking for
-# every block of rows (bfloat16 dense matmuls are no option: 5-10x slower than float32 on CPUs
-# without AVX-512 BF16). `python bench/kernels.py` (2 threads, SmolLM2's shapes; µs per call,
-# int4 kernel / unpack + float32): 64 rows 916 / 1492 (576x576), 2492 / 3152 (1536x576);
-# 128 rows 1879 / 1780, 5268 / 4218; 512 rows 6762 / 5691, 18799 / 9688.
+# With many rows (a prefill) it pays to unpack the weight once per call and run a dense
+# matmul, instead of the weight-only kernels, which redo their unpacking for every block of
+# rows. `python bench/kernels.py` (2 threads, SmolLM2's shapes; µs per call, int4 kernel /
+# unpack + dense matmul):
+#   AVX2 CPU, float32 dense: 64 rows 916 / 1492 (576x576), 2492 / 3152 (1536x576);
+#     128 rows 1879 / 1780, 5268 / 4218; 512 rows 6762 / 5691, 18799 / 9688.
+#   AVX-512 BF16 CPU, bfloat16 dense (unpacking ~100 / ~500 µs): 64 rows 134 / 211, 331 / 708;
+#     128 rows 259 / 244, 663 / 842; 512 rows 1018 / 525, 2643 / 1616. (float32 dense there:
+#     512 rows 1852, 5127: slower than the kernel.)
 DENSE_FROM_ROWS = 128
+
+
+def _has_avx512_bf16() -> bool:
+    is_supported = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # (a private helper of PyTorch's)
+    return bool(is_supported and is_supported())
+
+
+# The dense path's matmul dtype. bfloat16 where the CPU has AVX-512 BF16 (dot products of
+# bfloat16 pairs into float32: a 512-row SmolLM2 prefill 683 -> 1472 tok/s on a 2-core Zen 5,
+# next-token KL 0.002 from the float32 dense path); float32 elsewhere, where bfloat16 matmuls
+# are emulated and 5-10x slower than float32.
+DENSE_DTYPE = torch.bfloat16 if _has_avx512_bf16() else torch.float32
 
 
 class Int4Linear(nn.Module):
@@ -192,8 +209,8 @@ class Int4Linear(nn.Module):
 
     def dense_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """(M, K) -> (M, N) float32: the product `kernel_matmul` computes (the same weights: its
-        bfloat16 scales), as float32 matmuls on the unpacked weight, faster for many rows. Neither x
-        nor the result is rounded to bfloat16, so it is the more exact of the two."""
+        bfloat16 scales), as DENSE_DTYPE matmuls on the unpacked weight, faster for many rows. In
+        float32 neither x nor the result is rounded to bfloat16: the more exact of the two."""
         return _dense_matmul(x, self.out_features, lambda i, j, buffer: self._weight_t(i, j, buffer).t(),
                              align=packed_layout().block_rows)
 
@@ -271,37 +288,44 @@ DENSE_CHUNK = 2**22
 
 
 class _DecodeBuffer(threading.local):
-    tensor = torch.empty(0)
+    tensor = torch.empty(0)  # float32: weights are decoded into it
+    rounded = torch.empty(0, dtype=torch.bfloat16)  # the same weights rounded, for a bfloat16 DENSE_DTYPE
 
 
 _DECODE_BUFFER = _DecodeBuffer()
 
 
-def _decode_buffer(numel: int) -> torch.Tensor:
+def _decode_buffer(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     # Fresh memory where autograd may keep the weight for a backward pass, or where the code
     # is being traced (torch.compile).
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return torch.empty(numel)
-    if _DECODE_BUFFER.tensor.numel() < numel:
+        return torch.empty(numel, dtype=dtype)
+    slot = "tensor" if dtype == torch.float32 else "rounded"
+    if getattr(_DECODE_BUFFER, slot).numel() < numel:
         with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
-            _DECODE_BUFFER.tensor = torch.empty(numel)
-    return _DECODE_BUFFER.tensor[:numel]
+            setattr(_DECODE_BUFFER, slot, torch.empty(numel, dtype=dtype))
+    return getattr(_DECODE_BUFFER, slot)[:numel]
 
 
 def _dense_matmul(x: torch.Tensor, out_features: int, weight_rows: Callable[[int, int, torch.Tensor], torch.Tensor],
                   align: int) -> torch.Tensor:
-    """x (M, K) times Wᵀ as float32 matmuls, float32 out, on the weight the kernels multiply
-    with, decoded to float32. weight_rows(start, stop, buffer) decodes rows
-    [start, stop) of W into the float32 buffer and returns them as a (rows, K) tensor (a view:
-    it may be stored transposed); slices start at multiples of `align`."""
+    """x (M, K) times Wᵀ as DENSE_DTYPE matmuls, float32 out, on the weight the kernels multiply
+    with, decoded to float32 (then rounded to DENSE_DTYPE). weight_rows(start, stop, buffer)
+    decodes rows [start, stop) of W into the float32 buffer and returns them as a (rows, K)
+    tensor (a view: it may be stored transposed); slices start at multiples of `align`."""
     K = x.shape[-1]
-    x32 = x.float()
+    x = x.to(DENSE_DTYPE)
+
+    def product(i: int, j: int) -> torch.Tensor:  # x times rows [i, j) of W
+        w = weight_rows(i, j, _decode_buffer(K * (j - i)))  # (rows, K) float32
+        if DENSE_DTYPE != torch.float32:  # rounded into a second buffer, laid out as w
+            w = _decode_buffer(w.numel(), DENSE_DTYPE).as_strided(w.shape, w.stride()).copy_(w)
+        return F.linear(x, w).float()
+
     step = max(align, DENSE_CHUNK // K // align * align)
     if step >= out_features:
-        return F.linear(x32, weight_rows(0, out_features, _decode_buffer(K * out_features)))
-    slices = [(i, min(i + step, out_features)) for i in range(0, out_features, step)]
-    return torch.cat([F.linear(x32, weight_rows(i, j, _decode_buffer(K * (j - i))))
-                      for i, j in slices], dim=-1)
+        return product(0, out_features)
+    return torch.cat([product(i, min(i + step, out_features)) for i in range(0, out_features, step)], dim=-1)
 
 
 def _int8_rows(shape: tuple[int, int], decode_rows) -> tuple[torch.Tensor, torch.Tensor]:
@@ -362,7 +386,7 @@ class Int8Linear(nn.Module):
         return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self.scale)
 
     def dense_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """As `kernel_matmul`, as float32 matmuls on the decoded weight, float32 out (see `Int4Linear.dense_matmul`)."""
+        """As `kernel_matmul`, as DENSE_DTYPE matmuls on the decoded weight, float32 out (see `Int4Linear.dense_matmul`)."""
         return _dense_matmul(x, self.out_features, self._weight_rows_into, align=1)
 
     def _weight_rows_into(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
