@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from lucidlm.models import packed
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import MODELS, prompt_ids, write_section  # noqa: E402
 
@@ -89,8 +91,10 @@ def main() -> None:
             "What `packed` loses comes from the bfloat16 rounding of the int4 scales, from the int8 "
             "re-quantization of the LM head (and of Gemma's Q5_0/Q6_K/Q8_0 matrices) and, in decode steps "
             "(the kernels, the compiled rows), from the bfloat16 rounding of matmul inputs and outputs; the "
-            "default row runs the text in one pass, whose many-row matmuls compute in float32 on the same "
-            "weights. The 4-bit values themselves are exact.")
+            "default row runs the text in one pass, whose many-row matmuls compute on the same weights in "
+            "float32, or, on CPUs with AVX-512 BF16, with x and the decoded weights rounded to bfloat16 "
+            f"(this run: {'bfloat16' if packed.DENSE_DTYPE == torch.bfloat16 else 'float32'}). "
+            "The 4-bit values themselves are exact.")
     print(body)
     if args.write:
         write_section(args.write, "Quality of the fast paths (bench/quality.py)", body)
