@@ -385,7 +385,8 @@ def test_int4_unreadable_packing_is_a_clear_error(monkeypatch):
 @pytest.mark.parametrize("kind", ["int4", "int8"])
 def test_dense_path_in_row_slices(monkeypatch, kind):
     """A layer larger than DENSE_CHUNK weights (an LM head) is decoded a slice of rows at a time
-    into a small buffer: the result is still within the bfloat16 bound of the file's matrix."""
+    into a small buffer (and, for a bfloat16 DENSE_DTYPE, each slice DECODE_SLICE weights at a
+    time): the result is still within the bfloat16 bound of the file's matrix."""
     from lucidlm.models import packed
 
     if kind == "int4":
@@ -398,6 +399,7 @@ def test_dense_path_in_row_slices(monkeypatch, kind):
     whole = layer(x)
     rows = packed.packed_layout().block_rows if kind == "int4" else 32  # int4 slices hold whole blocks of the kernel's rows
     monkeypatch.setattr(packed, "DENSE_CHUNK", rows * 256)  # slices of `rows` rows
+    monkeypatch.setattr(packed, "DECODE_SLICE", 256)  # where the matmul is bfloat16: decoded a block of rows at a time
     monkeypatch.setattr(packed._DECODE_BUFFER, "tensor", torch.empty(0))  # not a larger one left by an earlier test
     with torch.inference_mode():  # (the buffer is reused only without autograd)
         sliced = layer(x)

@@ -285,6 +285,7 @@ def packed_layout() -> PackedLayout:
 # larger than DENSE_CHUNK weights (an LM head) go a slice of rows at a time, so the buffer
 # stays small (16 MiB; Gemma's head whole would be 671 MB).
 DENSE_CHUNK = 2**22
+DECODE_SLICE = 2**18  # weights decoded to float32 at a time where the matmul reads them rounded (1 MiB: cache-sized)
 
 
 class _DecodeBuffer(threading.local):
@@ -317,10 +318,21 @@ def _dense_matmul(x: torch.Tensor, out_features: int, weight_rows: Callable[[int
     x = x.to(DENSE_DTYPE)
 
     def product(i: int, j: int) -> torch.Tensor:  # x times rows [i, j) of W
-        w = weight_rows(i, j, _decode_buffer(K * (j - i)))  # (rows, K) float32
-        if DENSE_DTYPE != torch.float32:  # rounded into a second buffer, laid out as w
-            w = _decode_buffer(w.numel(), DENSE_DTYPE).as_strided(w.shape, w.stride()).copy_(w)
+        if DENSE_DTYPE == torch.float32:
+            return F.linear(x, weight_rows(i, j, _decode_buffer(K * (j - i))))
+        # Rounded: decoded a few rows at a time into a small float32 buffer, which stays in the
+        # cache, and rounded from there into the matrix the matmul reads, laid out as the slices.
+        w = None
+        for a in range(i, j, rows_per_slice):
+            b = min(a + rows_per_slice, j)
+            part = weight_rows(a, b, _decode_buffer(K * (b - a)))  # (b - a, K) float32
+            if w is None:  # (j - i, K), with part's layout (row-major, or transposed)
+                w = _decode_buffer(K * (j - i), DENSE_DTYPE)
+                w = w.view(j - i, K) if part.stride(-1) == 1 else w.view(K, j - i).t()
+            w[a - i:b - i].copy_(part)
         return F.linear(x, w).float()
+
+    rows_per_slice = max(align, DECODE_SLICE // K // align * align)
 
     step = max(align, DENSE_CHUNK // K // align * align)
     if step >= out_features:
