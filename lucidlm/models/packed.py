@@ -302,7 +302,7 @@ def _decode_buffer(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tens
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return torch.empty(numel, dtype=dtype)
     slot = "tensor" if dtype == torch.float32 else "rounded"
-    if getattr(_DECODE_BUFFER, slot).numel() < numel:
+    if getattr(_DECODE_BUFFER, slot).numel() < numel or getattr(_DECODE_BUFFER, slot).dtype != dtype:
         with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
             setattr(_DECODE_BUFFER, slot, torch.empty(numel, dtype=dtype))
     return getattr(_DECODE_BUFFER, slot)[:numel]
@@ -316,6 +316,7 @@ def _dense_matmul(x: torch.Tensor, out_features: int, weight_rows: Callable[[int
     tensor (a view: it may be stored transposed); slices start at multiples of `align`."""
     K = x.shape[-1]
     x = x.to(DENSE_DTYPE)
+    rows_per_slice = max(align, DECODE_SLICE // K // align * align)
 
     def product(i: int, j: int) -> torch.Tensor:  # x times rows [i, j) of W
         if DENSE_DTYPE == torch.float32:
@@ -331,8 +332,6 @@ def _dense_matmul(x: torch.Tensor, out_features: int, weight_rows: Callable[[int
                 w = w.view(j - i, K) if part.stride(-1) == 1 else w.view(K, j - i).t()
             w[a - i:b - i].copy_(part)
         return F.linear(x, w).float()
-
-    rows_per_slice = max(align, DECODE_SLICE // K // align * align)
 
     step = max(align, DENSE_CHUNK // K // align * align)
     if step >= out_features:
