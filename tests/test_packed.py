@@ -335,7 +335,8 @@ def test_int4_keeps_one_copy_and_reads_it_back(shape):
 
 _LAYOUT_CHECK = """
 import torch
-from lucidlm.models.packed import Int4Linear, packed_layout
+from lucidlm.models.int4_layout import packed_layout
+from lucidlm.models.packed import Int4Linear
 g = torch.Generator().manual_seed(0)
 for N, K in [(176, 96), (96, 64), (32, 32)]:
     q = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
@@ -373,13 +374,15 @@ def test_int4_unreadable_packing_is_a_clear_error(monkeypatch):
     differently must fail loudly at packing, not decode garbage in prefill."""
     from lucidlm.models import packed
 
-    monkeypatch.setattr(packed, "_int4pack", lambda q: packed._row_nibbles(q.to(torch.uint8)))  # another layout
-    packed.packed_layout.cache_clear()
+    from lucidlm.models import int4_layout
+
+    monkeypatch.setattr(int4_layout, "int4pack", lambda q: packed._row_nibbles(q.to(torch.uint8)))  # another layout
+    int4_layout.packed_layout.cache_clear()
     try:
         with pytest.raises(UnsupportedError, match="layout LucidLM cannot read"):
             Int4Linear(torch.zeros(32, 64, dtype=torch.uint8), torch.ones(32, 2), torch.zeros(32, 2))
     finally:
-        packed.packed_layout.cache_clear()
+        int4_layout.packed_layout.cache_clear()
 
 
 @pytest.mark.parametrize("kind", ["int4", "int8"])
