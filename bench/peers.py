@@ -195,7 +195,9 @@ def machine() -> str:
     # run several times faster than its AVX2 ones; bfloat16 matmuls are fast only with AVX-512 BF16).
     import torch
 
-    bf16 = ", AVX-512 BF16" if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() else ""
+    from lucidlm.models.packed import has_avx512_bf16
+
+    bf16 = ", AVX-512 BF16" if has_avx512_bf16() else ""
     return (f"{model}, {os.cpu_count()} cores, PyTorch kernels {torch.backends.cpu.get_cpu_capability()}{bf16}, "
             f"{platform.system()} {platform.release()}")
 

@@ -66,7 +66,8 @@ GROUP = 32  # values sharing one scale and offset (the ggml block size)
 DENSE_FROM_ROWS = 128
 
 
-def _has_avx512_bf16() -> bool:
+def has_avx512_bf16() -> bool:
+    """Whether this CPU has AVX-512 BF16 (bfloat16 dot products into float32): bfloat16 matmuls are fast."""
     is_supported = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # (a private helper of PyTorch's)
     return bool(is_supported and is_supported())
 
@@ -75,7 +76,7 @@ def _has_avx512_bf16() -> bool:
 # bfloat16 pairs into float32: a 512-row SmolLM2 prefill 683 -> 1472 tok/s on a 2-core Zen 5,
 # next-token KL 0.002 from the float32 dense path); float32 elsewhere, where bfloat16 matmuls
 # are emulated and 5-10x slower than float32.
-DENSE_DTYPE = torch.bfloat16 if _has_avx512_bf16() else torch.float32
+DENSE_DTYPE = torch.bfloat16 if has_avx512_bf16() else torch.float32
 
 
 class Int4Linear(nn.Module):
@@ -239,10 +240,12 @@ def _decode_buffer(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tens
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return torch.empty(numel, dtype=dtype)
     slot = "tensor" if dtype == torch.float32 else "rounded"
-    if getattr(_DECODE_BUFFER, slot).numel() < numel or getattr(_DECODE_BUFFER, slot).dtype != dtype:
+    buffer = getattr(_DECODE_BUFFER, slot)
+    if buffer.numel() < numel or buffer.dtype != dtype:
         with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
-            setattr(_DECODE_BUFFER, slot, torch.empty(numel, dtype=dtype))
-    return getattr(_DECODE_BUFFER, slot)[:numel]
+            buffer = torch.empty(numel, dtype=dtype)
+        setattr(_DECODE_BUFFER, slot, buffer)
+    return buffer[:numel]
 
 
 def _dense_matmul(x: torch.Tensor, out_features: int, weight_rows: Callable[[int, int, torch.Tensor], torch.Tensor],
