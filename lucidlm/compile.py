@@ -19,8 +19,12 @@ What is compiled, and when it is used:
 - Shapes are dynamic (`dynamic=True`): the growing cache length and the batch size are
   symbols in one graph, not a recompilation per token.
 
-Compiling costs time once (about a minute for SmolLM2 on 2 cores; Inductor caches the result
-on disk, so a later process takes seconds). If compilation fails (no C++ compiler, an
+On CPU the graph also holds the weights as constants, and Inductor times its own C++ matmul
+templates against PyTorch's kernels for each weight-only int4/int8 product and keeps the faster
+(`CPU_OPTIONS`; its int4 template is 1.5-1.8x as fast as PyTorch's kernel for one row).
+
+Compiling costs time once (about a minute for SmolLM2 or Gemma 3 on 2 cores; Inductor caches
+the result on disk, so a later process takes seconds). If compilation fails (no C++ compiler, an
 unsupported operation), a warning says why and the model stays eager.
 
 On a CUDA GPU the decode steps are, in addition, replayed from CUDA graphs
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import sys
 import time
+import types
 import warnings
 
 import torch
@@ -52,6 +57,18 @@ _FIXED_AFTER_LOADING = frozenset({"TYPE_MATCH", "ID_MATCH", "CLOSURE_MATCH", "TE
                                   "EMPTY_NN_MODULE_HOOKS_DICT", "NOT_PRESENT_IN_GENERIC_DICT",
                                   "DICT_NOT_CONTAINS"})
 
+
+# On CPU, Inductor also gets the model's weights as constants of the graph ("freezing") and
+# chooses each weight-only int4/int8 matmul between PyTorch's kernel and a C++ template it
+# generates for that exact shape, by timing both at compile time ("max-autotune" of GEMMs only).
+# Its template wins for batch-1 decode: SmolLM2 on a 2-core AVX-512 CPU 173 -> 211 tok/s
+# (bench/RESULTS.md). The price: a longer first compilation (~1 min more; cached on disk like
+# the rest), and the graph may hold copies of weights that it derived at compile time, so
+# weights edited after compiling are not guaranteed to be seen (listeners and hooks, LucidLM's
+# way of editing activations, send steps through the eager forward anyway). Each model gets
+# graphs of its own (`_own_frame`; tests/test_compile.py interleaves two models of one shape).
+CPU_OPTIONS = {"freezing": True, "max_autotune_gemm": True, "max_autotune_gemm_backends": "CPP,ATEN",
+               "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}  # (timings not printed)
 
 _seconds_compiling = 0.0  # all models together, this process
 
@@ -134,7 +151,8 @@ class CompiledDecode:
         length = cache.length
         try:
             if self.compiled is None:
-                self.compiled = torch.compile(self.eager, dynamic=True, options={"guard_filter_fn": _keep_guard})
+                compiled = torch.compile(_own_frame(self.eager), dynamic=True, options={"guard_filter_fn": _keep_guard})
+                self.compiled = _with_config(compiled, CPU_OPTIONS if self.graphs is None else {})
             logits = self.compiled(tokens, cache, *args, **kwargs)
         except torch._dynamo.exc.TorchDynamoException as error:
             _seconds_compiling += time.perf_counter() - started
@@ -154,6 +172,35 @@ class CompiledDecode:
         if self.progress:
             print(f"compiled in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
         return logits
+
+
+def _own_frame(forward):
+    """A function that calls `forward`, with a code object of its own.
+
+    Dynamo keeps compiled graphs per code object, and all models of a class share their
+    `forward`'s: a second model of the same shapes would run the first one's graph (torch.compile
+    calls with equal options count as one backend), which is right only while the graph reads
+    the weights at every call. With frozen weights (CPU_OPTIONS) it would compute with the
+    first model's. A fresh code object per compiled model keeps each model's graphs its own.
+    """
+    def step(*args, **kwargs):
+        return forward(*args, **kwargs)
+
+    return types.FunctionType(step.__code__.replace(), step.__globals__, "decode_step", step.__defaults__, step.__closure__)
+
+
+def _with_config(compiled, inductor_config: dict):
+    """`compiled`, run with Inductor's config patched by `inductor_config` at every call: any
+    call may (re)compile, and Dynamo reads some settings (freezing) while tracing, before the
+    options given to torch.compile apply; the patch leaves the rest of the process alone."""
+    if not inductor_config:
+        return compiled
+
+    def run(*args, **kwargs):
+        with torch._inductor.config.patch(inductor_config):
+            return compiled(*args, **kwargs)
+
+    return run
 
 
 def _failure_reason(error: Exception) -> str:
@@ -201,6 +248,9 @@ def compile_decode(model: nn.Module, progress: bool = True, inductor: bool = Tru
     # Packed models' do by design (the embedding's float16 scales, the int4 kernels' bfloat16
     # results) and the generated code converts them correctly: the remark would only alarm.
     warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed in the scheduler node", category=UserWarning)
+    # Inductor's own use of a deprecated PyTorch API while it times kernels (CPU_OPTIONS): not ours to act on.
+    warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning,
+                            module=r"torch\._inductor\.")
     if model_device(model).type == "cuda":
         fuse_projections(model, dense=True)  # fewer, larger matmul kernels (packed CPU models are stacked at load)
     model.forward = CompiledDecode(model, progress, inductor)

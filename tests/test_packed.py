@@ -388,8 +388,7 @@ def test_int4_unreadable_packing_is_a_clear_error(monkeypatch):
 @pytest.mark.parametrize("kind", ["int4", "int8"])
 def test_dense_path_in_row_slices(monkeypatch, kind):
     """A layer larger than DENSE_CHUNK weights (an LM head) is decoded a slice of rows at a time
-    into a small buffer (and, for a bfloat16 DENSE_DTYPE, each slice DECODE_SLICE weights at a
-    time): the result is still within the bfloat16 bound of the file's matrix."""
+    into a small buffer: the result is still within the bfloat16 bound of the file's matrix."""
     from lucidlm.models import packed
 
     if kind == "int4":
@@ -402,7 +401,6 @@ def test_dense_path_in_row_slices(monkeypatch, kind):
     whole = layer(x)
     rows = packed.packed_layout().block_rows if kind == "int4" else 32  # int4 slices hold whole blocks of the kernel's rows
     monkeypatch.setattr(packed, "DENSE_CHUNK", rows * 256)  # slices of `rows` rows
-    monkeypatch.setattr(packed, "DECODE_SLICE", 256)  # where the matmul is bfloat16: decoded a block of rows at a time
     monkeypatch.setattr(packed._DECODE_BUFFER, "tensor", torch.empty(0))  # not a larger one left by an earlier test
     with torch.inference_mode():  # (the buffer is reused only without autograd)
         sliced = layer(x)
@@ -594,6 +592,11 @@ def test_smollm_packed_modules(smollm_packed, lucid_smollm):
     # every Q4_1 matrix stays 4-bit: q/k/v stacked in one layer, gate/up in one, o and down
     assert len(int4) == 4 * model.config.n_layers
     assert isinstance(model.embed_tokens, Q8Embedding) and isinstance(model.lm_head, Int8Linear)
+    # prompts' attention in bfloat16 blocks exactly where the dense matmuls are bfloat16; never on the exact path
+    from lucidlm.models import packed
+    expected = torch.bfloat16 if packed.DENSE_DTYPE == torch.bfloat16 else None
+    assert {layer.self_attn.prefill_dtype for layer in model.layers} == {expected}
+    assert {layer.self_attn.prefill_dtype for layer in lucid_smollm.model.layers} == {None}
     # the packed modules hold the file's values: the embedding table exactly; q_proj (rows
     # permuted back from llama.cpp's RoPE order) up to the bfloat16 rounding of its scales
     for name in ("layers.3.self_attn.q_proj", "layers.3.self_attn.k_proj", "layers.29.mlp.down_proj"):
@@ -835,3 +838,20 @@ def test_describe_counts_packed_weights(lucid_smollm, smollm_packed):
     packed, exact = describe(smollm_packed), describe(lucid_smollm)
     assert packed["parameters"] == exact["parameters"]
     assert {row["type"] for row in packed["tensor_types"]} == {row["type"] for row in exact["tensor_types"]}
+
+
+@pytest.mark.parametrize("type_name,made_by_gguf", [("Q4_0", True), ("Q4_1", True), ("Q4_K", False)])
+def test_bfloat16_decoding_is_the_float32_weight_rounded_once(type_name, made_by_gguf):
+    """The dense path decodes straight into bfloat16 (one in-place multiply-add, computed in
+    float32 by PyTorch's bfloat16 kernels): it must give the float32 decoding rounded to
+    bfloat16, bit for bit, for int4 blocks of real GGUF types (made by `gguf`, or random Q4_K
+    blocks, which it cannot make) and for int8 rows,
+    on whichever CPU build runs it (not a second rounding of a rounded product)."""
+    layer, _, _, _ = _int4_case(type_name, made_by_gguf, shape=(160, 512))  # 2 blocks of 64 and 32 rows (AVX-512); 5 of 32
+    N, K = layer.out_features, layer.in_features
+    in_float32 = layer._weight_t(0, N, torch.empty(K * N))
+    in_bfloat16 = layer._weight_t(0, N, torch.empty(K * N, dtype=torch.bfloat16))
+    assert torch.equal(in_bfloat16, in_float32.bfloat16())
+    rows = Int8Linear.quantize(_rows_of_varied_scale(100, 256, seed=6))
+    in_float32 = rows._weight_rows_into(0, 100, torch.empty(100 * 256))
+    assert torch.equal(rows._weight_rows_into(0, 100, torch.empty(100 * 256, dtype=torch.bfloat16)), in_float32.bfloat16())

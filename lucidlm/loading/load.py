@@ -33,7 +33,7 @@ from ..errors import ModelFileError, UnsupportedError
 from ..models.gemma3 import Gemma3
 from ..models.llama import Llama
 from ..models.fusion import fuse_projections
-from ..models.packed import Int4Linear, Int8Linear, Q8Embedding
+from ..models.packed import DENSE_DTYPE, Int4Linear, Int8Linear, Q8Embedding
 from ..models.packed_head import use_int8_head_where_it_pays
 from ..progress import Progress
 from ..tokenizers import BPETokenizer
@@ -72,6 +72,27 @@ def release_freed_memory() -> None:
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        pass
+
+
+# glibc serves each allocation above a threshold (128 KiB, raised as such blocks are freed) with
+# fresh pages from the system and returns them when freed, so every large temporary of a forward
+# pass (a 512-token prefill's activations are megabytes each) is zero-filled and faulted in anew:
+# SmolLM2's 512-token prefill spent ~1.3 ms on each 6 MiB gate/up result (bench/RESULTS.md). Once
+# a model is loaded, blocks up to MMAP_FROM bytes come from the heap instead, and freed heap
+# memory is kept for reuse up to KEEP_FREED bytes: later passes reuse it, warm. (Peak RSS is
+# what a pass needs either way; loading still trims with `release_freed_memory`.)
+MMAP_FROM, KEEP_FREED = 64 * 2**20, 256 * 2**20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+
+
+def reuse_freed_memory() -> None:
+    """Have glibc keep and reuse freed memory for large temporaries (see above); elsewhere a no-op."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_FROM)
+        libc.mallopt(_M_TRIM_THRESHOLD, KEEP_FREED)
+    except (OSError, AttributeError):  # not glibc
         pass
 
 
@@ -172,9 +193,14 @@ def load_gguf(path: str | Path, dtype: str = "float32", progress: bool = True) -
             if n % 16 == 15:
                 release_freed_memory()  # the packing's temporaries (4 bytes a weight) would pile up otherwise
         use_int8_head_where_it_pays(model, release_freed_memory)
+        if DENSE_DTYPE == torch.bfloat16:  # prompts' attention rounded as the dense matmuls are
+            for module in model.modules():
+                if hasattr(module, "prefill_dtype"):
+                    module.prefill_dtype = torch.bfloat16
     model.compute_dtype = matrix_dtype
     model.eval()
     gguf.close()  # every tensor has been copied out; drop the mapped pages of the file
     release_freed_memory()
+    reuse_freed_memory()  # from now on: forward passes reuse the memory of their temporaries
     tensor_types = {ours: gguf.tensors[g].type_name for g, ours in names.items()}
     return LoadedGGUF(model, tokenizer, gguf.metadata, tensor_types, gguf.path)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import chunked_attention
+
 
 def model_device(model: nn.Module) -> torch.device:
     """The device a model's weights are on (its first parameter's; norms are always parameters)."""
@@ -196,7 +198,8 @@ def attention_mask(valid: torch.Tensor, query_slots: torch.Tensor, window: int |
 
 def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                                  scale: float, explicit: bool = False,
-                                 weights_hook: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                                 weights_hook: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                                 prefill_dtype: torch.dtype | None = None):
     """softmax(q kᵀ · scale + mask) v, with grouped-query attention.
 
     q: (B, H, T, D); k, v: (B, H_kv, S, D) where H is a multiple of H_kv (each key/value head
@@ -206,8 +209,11 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     The default path is PyTorch's fused kernel, which never materialises the (T, S)
     weights. `explicit=True` computes them step by step so they can be looked at (and
     passed through `weights_hook`, which may replace them); both paths compute the same
-    function.
+    function. A model that sets `prefill_dtype` (packed models on CPUs with AVX-512 BF16) runs
+    long prompts through `chunked_attention` in that dtype instead: faster there, and rounded.
     """
+    if not explicit and chunked_attention.applies(q, mask, prefill_dtype):
+        return chunked_attention.chunked_attention(q, k, v, mask, scale, prefill_dtype), None
     if not explicit:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         return out, None

@@ -73,6 +73,7 @@ class Attention(nn.Module):
         # q_proj, k_proj, v_proj then view its rows). None: the three layers compute.
         self.qkv_proj: nn.Module | None = None
         self.explicit = False  # True: materialise attention weights (see scaled_dot_product_attention)
+        self.prefill_dtype: torch.dtype | None = None  # set for packed models (see loading.load)
         name = f"blocks.{layer_index}.attn."
         self.hook_q, self.hook_k, self.hook_v = (HookPoint(name + s) for s in ("hook_q", "hook_k", "hook_v"))
         self.hook_rot_q, self.hook_rot_k = HookPoint(name + "hook_rot_q"), HookPoint(name + "hook_rot_k")
@@ -94,7 +95,7 @@ class Attention(nn.Module):
         # listener wants to see (or edit) this layer's pattern.
         z, _ = scaled_dot_product_attention(q, k, v, mask, scale=self.head_dim**-0.5,
                                             explicit=self.explicit or self.hook_pattern.active,
-                                            weights_hook=self.hook_pattern)
+                                            weights_hook=self.hook_pattern, prefill_dtype=self.prefill_dtype)
         z = self.hook_z(z)  # (B, H, T, D)
         out = z.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(out)

@@ -35,8 +35,10 @@ prefill) take the dense path instead, a matmul on the decoded weights: float32 t
 rounding of x or of the result, so a prompt's logits come out closer to the exact ones than a
 decode step's), or, on CPUs with AVX-512 BF16, x and the decoded weights rounded to bfloat16
 and multiplied with float32 accumulation (`DENSE_DTYPE`: 3-4x faster matmuls there, about the
-decode kernels' rounding). `bench/quality.py` measures the total effect; use dtype="float32" where exact
-log-probabilities matter. Both modules look like nn.Linear from outside: `in_features`,
+decode kernels' rounding; the weights are decoded straight into bfloat16, each computed in
+float32 and rounded once). Such models also opt in to `models.chunked_attention` for long
+prompts (`prefill_dtype`, set by the loader). `bench/quality.py` measures the total effect; use
+dtype="float32" where exact log-probabilities matter. Both modules look like nn.Linear from outside: `in_features`,
 `out_features`, `forward(x)`, and a `weight` property that rebuilds the float32 matrix on
 demand for introspection (the logit lens, embedding maps), not for computing.
 """
@@ -168,14 +170,18 @@ class Int4Linear(nn.Module):
         return packed_layout().codes_t(self.packed.view(torch.uint8), self.out_features, start, stop, out)
 
     def _weight_t(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
-        """Rows [start, stop) of W transposed, (K, rows) float32 written into `out`: (q - 8) *
-        scale + zero with the kernel's bfloat16 scales and zeros, the numbers it computes with."""
+        """Rows [start, stop) of W transposed, written into `out` (K * rows values, or a (K, rows)
+        view; float32, or bfloat16 for the dense path): (q - 8) * scale + zero with the kernel's
+        bfloat16 scales and zeros, the numbers it computes with."""
         self.pack()
         wt = self._codes_t(start, stop, out.view(self.in_features, stop - start))
-        scale, zero = (t.contiguous() for t in self.scales_and_zeros[:, start:stop].float().unbind(-1))  # (K/32, rows)
+        scale, zero = (t.to(out.dtype).contiguous() for t in self.scales_and_zeros[:, start:stop].unbind(-1))  # (K/32, rows)
         groups = wt.view(self.in_features // GROUP, GROUP, stop - start)
-        groups.mul_(scale.unsqueeze(1)).add_(zero.unsqueeze(1))  # (contiguous scales: broadcasting strided ones is ~10x slower)
-        return wt
+        # One pass, in place. In bfloat16 too the product and sum are computed in float32 and
+        # rounded once: the float32 result rounded, bit for bit (q - 8 and the scales have few
+        # enough bits that (q - 8) * scale is exact). Contiguous scales: broadcasting strided
+        # ones is ~10x slower.
+        return torch.addcmul(zero.unsqueeze(1), groups, scale.unsqueeze(1), out=groups).view_as(wt)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -207,8 +213,8 @@ class Int4Linear(nn.Module):
         """(M, K) -> (M, N) float32: the product `kernel_matmul` computes (the same weights: its
         bfloat16 scales), as DENSE_DTYPE matmuls on the unpacked weight, faster for many rows. In
         float32 neither x nor the result is rounded to bfloat16: the more exact of the two."""
-        return _dense_matmul(x, self.out_features, lambda i, j, buffer: self._weight_t(i, j, buffer).t(),
-                             align=packed_layout().block_rows)
+        return _dense_matmul(x, self.out_features, lambda i, j, out: self._weight_t(i, j, out.t()).t(),
+                             align=packed_layout().block_rows, transposed=True)
 
 
 def _row_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -216,61 +222,49 @@ def _row_nibbles(q: torch.Tensor) -> torch.Tensor:
     return q[:, 0::2] | (q[:, 1::2] << 4)
 
 
-# Prefill's dense path decodes a weight to float32 on every call. It does so into one buffer
-# per thread, reused, rather than a fresh tensor: multi-megabyte blocks come fresh from the
-# system as zero-filled pages, and faulting those in cost more than the decoding (SmolLM2,
+# Prefill's dense path decodes a weight (to DENSE_DTYPE) on every call. It does so into one
+# buffer per thread, reused, rather than a fresh tensor: multi-megabyte blocks come fresh from
+# the system as zero-filled pages, and faulting those in cost more than the decoding (SmolLM2,
 # 512-token prompt: ~400 ms of ~1.6 s went to decoding weights into new memory), and layers
 # larger than DENSE_CHUNK weights (an LM head) go a slice of rows at a time, so the buffer
-# stays small (16 MiB; Gemma's head whole would be 671 MB).
+# stays small (16 MiB in float32; Gemma's head whole would be 671 MB).
 DENSE_CHUNK = 2**22
-DECODE_SLICE = 2**18  # weights decoded to float32 at a time where the matmul reads them rounded (1 MiB: cache-sized)
 
 
 class _DecodeBuffer(threading.local):
-    tensor = torch.empty(0)  # float32: weights are decoded into it
-    rounded = torch.empty(0, dtype=torch.bfloat16)  # the same weights rounded, for a bfloat16 DENSE_DTYPE
+    tensor = torch.empty(0)  # weights are decoded into it
 
 
 _DECODE_BUFFER = _DecodeBuffer()
 
 
-def _decode_buffer(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def _decode_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
     # Fresh memory where autograd may keep the weight for a backward pass, or where the code
     # is being traced (torch.compile).
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return torch.empty(numel, dtype=dtype)
-    slot = "tensor" if dtype == torch.float32 else "rounded"
-    buffer = getattr(_DECODE_BUFFER, slot)
+    buffer = _DECODE_BUFFER.tensor
     if buffer.numel() < numel or buffer.dtype != dtype:
         with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
             buffer = torch.empty(numel, dtype=dtype)
-        setattr(_DECODE_BUFFER, slot, buffer)
+        _DECODE_BUFFER.tensor = buffer
     return buffer[:numel]
 
 
 def _dense_matmul(x: torch.Tensor, out_features: int, weight_rows: Callable[[int, int, torch.Tensor], torch.Tensor],
-                  align: int) -> torch.Tensor:
+                  align: int, transposed: bool) -> torch.Tensor:
     """x (M, K) times Wᵀ as DENSE_DTYPE matmuls, float32 out, on the weight the kernels multiply
-    with, decoded to float32 (then rounded to DENSE_DTYPE). weight_rows(start, stop, buffer)
-    decodes rows [start, stop) of W into the float32 buffer and returns them as a (rows, K)
-    tensor (a view: it may be stored transposed); slices start at multiples of `align`."""
+    with, decoded (in float32, then rounded once to DENSE_DTYPE). weight_rows(start, stop, out)
+    decodes rows [start, stop) of W into `out`, a (rows, K) view of a DENSE_DTYPE buffer;
+    `transposed`: the layer decodes columns of a (K, rows) matrix (Int4Linear's layout), so the
+    buffer is laid out that way. Slices start at multiples of `align`."""
     K = x.shape[-1]
     x = x.to(DENSE_DTYPE)
-    rows_per_slice = max(align, DECODE_SLICE // K // align * align)
 
     def product(i: int, j: int) -> torch.Tensor:  # x times rows [i, j) of W
-        if DENSE_DTYPE == torch.float32:
-            return F.linear(x, weight_rows(i, j, _decode_buffer(K * (j - i))))
-        # Rounded: decoded a few rows at a time into a small float32 buffer, which stays in the
-        # cache, and rounded from there into the matrix the matmul reads, laid out as the slices.
-        w = None
-        for a in range(i, j, rows_per_slice):
-            b = min(a + rows_per_slice, j)
-            part = weight_rows(a, b, _decode_buffer(K * (b - a)))  # (b - a, K) float32
-            if w is None:  # (j - i, K), with part's layout (row-major, or transposed)
-                w = _decode_buffer(K * (j - i), DENSE_DTYPE)
-                w = w.view(j - i, K) if part.stride(-1) == 1 else w.view(K, j - i).t()
-            w[a - i:b - i].copy_(part)
+        w = _decode_buffer(K * (j - i), DENSE_DTYPE)
+        w = w.view(K, j - i).t() if transposed else w.view(j - i, K)  # (j - i, K)
+        weight_rows(i, j, w)
         return F.linear(x, w).float()
 
     step = max(align, DENSE_CHUNK // K // align * align)
@@ -338,11 +332,13 @@ class Int8Linear(nn.Module):
 
     def dense_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """As `kernel_matmul`, as DENSE_DTYPE matmuls on the decoded weight, float32 out (see `Int4Linear.dense_matmul`)."""
-        return _dense_matmul(x, self.out_features, self._weight_rows_into, align=1)
+        return _dense_matmul(x, self.out_features, self._weight_rows_into, align=1, transposed=False)
 
     def _weight_rows_into(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows [start, stop) of `weight` written into `out` ((rows * K,) or (rows, K); float32 or
+        bfloat16: q * scale is exact in float32, so a bfloat16 one is that product rounded once)."""
         rows = out.view(stop - start, self.in_features).copy_(self.q[start:stop])
-        return rows.mul_(self.scale[start:stop].float()[:, None])
+        return rows.mul_(self.scale[start:stop].to(out.dtype)[:, None])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
