@@ -328,6 +328,8 @@ class Int8Linear(nn.Module):
 
     def kernel_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """(M, K) -> (M, N) bfloat16 through the int8 kernel."""
+        if torch.compiler.is_compiling():  # an opaque call in a compiled graph (see int8_weight_only_mm)
+            return int8_weight_only_mm(x.to(torch.bfloat16), self.q, self.scale)
         return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self.scale)
 
     def dense_matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -345,6 +347,21 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         y = self.dense_matmul(x2) if x2.shape[0] >= DENSE_FROM_ROWS else self.kernel_matmul(x2)  # (M, N)
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
+
+
+@torch.library.custom_op("lucidlm::int8_weight_only_mm", mutates_args=())
+def int8_weight_only_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """torch._weight_int8pack_mm, as an operator Inductor calls as it is. Compiled decode steps
+    (`lucidlm.compile`) let Inductor choose between PyTorch's weight-only kernels and its own C++
+    templates; for int8 it gains nothing (its template matched PyTorch's kernel within 2 % on
+    every Gemma 3 and SmolLM2 shape) and keeps a reformatted copy of the weight: +280 MiB resident
+    for Gemma 3's 262144 x 640 head (bench/RESULTS.md)."""
+    return torch._weight_int8pack_mm(x, q, scale)
+
+
+@int8_weight_only_mm.register_fake
+def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], q.shape[0])
 
 
 class Q8Embedding(nn.Module):
