@@ -233,15 +233,17 @@ def table(summary: dict[tuple[str, str], dict]) -> str:
 
 
 def write_section(path: Path, title: str, body: str) -> None:
-    """Replace the section `## title` of a markdown file (or append it)."""
+    """Replace the section `## title` of a markdown file (or append it), up to its first
+    subsection (`### ...`): notes written under the table stay."""
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     header = f"## {title}"
     start = text.find(header)
     if start < 0:
         text = text.rstrip() + f"\n\n{header}\n\n{body}\n"
     else:
-        end = text.find("\n## ", start + len(header))
-        text = text[:start] + f"{header}\n\n{body}\n" + (text[end + 1:] if end >= 0 else "")
+        ends = [i for i in (text.find("\n## ", start + len(header)), text.find("\n### ", start + len(header))) if i >= 0]
+        end = min(ends) if ends else -1
+        text = text[:start] + f"{header}\n\n{body.rstrip()}\n" + (f"\n{text[end + 1:]}" if end >= 0 else "")
     path.write_text(text, encoding="utf-8")
 
 

@@ -93,6 +93,7 @@ def main() -> None:
             "(the kernels, the compiled rows), from the bfloat16 rounding of matmul inputs and outputs; the "
             "default row runs the text in one pass, whose many-row matmuls compute on the same weights in "
             "float32, or, on CPUs with AVX-512 BF16, with x and the decoded weights rounded to bfloat16 "
+            "and the attention computed in bfloat16 blocks (models/chunked_attention.py) "
             f"(this run: {'bfloat16' if packed.DENSE_DTYPE == torch.bfloat16 else 'float32'}). "
             "The 4-bit values themselves are exact.")
     print(body)
