@@ -24,7 +24,7 @@ templates against PyTorch's kernels for each weight-only int4/int8 product and k
 (`CPU_OPTIONS`; its int4 template is 1.5-1.8x as fast as PyTorch's kernel for one row).
 
 Compiling costs time once (about a minute for SmolLM2 or Gemma 3 on 2 cores; Inductor caches
-the result on disk, so a later process takes seconds). If compilation fails (no C++ compiler, an
+the result on disk, so a later process takes 15-20 s). If compilation fails (no C++ compiler, an
 unsupported operation), a warning says why and the model stays eager.
 
 On a CUDA GPU the decode steps are, in addition, replayed from CUDA graphs
