@@ -75,13 +75,14 @@ def release_freed_memory() -> None:
         pass
 
 
-# glibc serves each allocation above a threshold (128 KiB, raised as such blocks are freed) with
-# fresh pages from the system and returns them when freed, so every large temporary of a forward
-# pass (a 512-token prefill's activations are megabytes each) is zero-filled and faulted in anew:
-# SmolLM2's 512-token prefill spent ~1.3 ms on each 6 MiB gate/up result (bench/RESULTS.md). Once
-# a model is loaded, blocks up to MMAP_FROM bytes come from the heap instead, and freed heap
-# memory is kept for reuse up to KEEP_FREED bytes: later passes reuse it, warm. (Peak RSS is
-# what a pass needs either way; loading still trims with `release_freed_memory`.)
+# glibc serves an allocation above a threshold (128 KiB, raised as such blocks are freed) with
+# pages mapped from the system and unmaps them when it is freed, and trims the top of its heap
+# when enough there is free: a forward pass over a long prompt allocates and frees megabytes
+# of activations per layer. Once a model is loaded, blocks up to MMAP_FROM bytes come from the
+# heap and up to KEEP_FREED bytes of freed heap stay for reuse. SmolLM2, 512-token prefill,
+# processes alternated: 1509, 1401, 1660 -> 1690, 2071, 1970 tok/s, peak RSS unchanged within
+# 10 MiB (bench/RESULTS.md; which of the allocator's system calls cost that was not traced: page
+# faults per prefill were few either way). Loading still trims (`release_freed_memory`).
 MMAP_FROM, KEEP_FREED = 64 * 2**20, 256 * 2**20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 
