@@ -389,7 +389,7 @@ def test_int4_unreadable_packing_is_a_clear_error(monkeypatch):
 def test_dense_path_in_row_slices(monkeypatch, kind):
     """A layer larger than DENSE_CHUNK weights (an LM head) is decoded a slice of rows at a time
     into a small buffer: the result is still within the bfloat16 bound of the file's matrix."""
-    from lucidlm.models import packed
+    from lucidlm.models import dense_path, packed
 
     if kind == "int4":
         layer, W, b, w_err = _int4_case("Q4_1", True, shape=(112, 256), bias=True)  # 3 blocks of 32 and 16 rows (AVX-512: 64 and 48)
@@ -400,11 +400,11 @@ def test_dense_path_in_row_slices(monkeypatch, kind):
     x = _inputs(DENSE_FROM_ROWS + 3, 256, seed=8)
     whole = layer(x)
     rows = packed.packed_layout().block_rows if kind == "int4" else 32  # int4 slices hold whole blocks of the kernel's rows
-    monkeypatch.setattr(packed, "DENSE_CHUNK", rows * 256)  # slices of `rows` rows
-    monkeypatch.setattr(packed._DECODE_BUFFER, "tensor", torch.empty(0))  # not a larger one left by an earlier test
+    monkeypatch.setattr(dense_path, "DENSE_CHUNK", rows * 256)  # slices of `rows` rows
+    monkeypatch.setattr(dense_path._DECODE_BUFFER, "tensor", torch.empty(0))  # not a larger one left by an earlier test
     with torch.inference_mode():  # (the buffer is reused only without autograd)
         sliced = layer(x)
-        assert packed._DECODE_BUFFER.tensor.numel() <= rows * 256
+        assert dense_path._DECODE_BUFFER.tensor.numel() <= rows * 256
     _assert_within_bound(sliced, x, W, b, w_err, "sliced")
     _assert_within_bound(whole, x, W, b, w_err, "whole")
 
