@@ -19,9 +19,12 @@ What is compiled, and when it is used:
 - Shapes are dynamic (`dynamic=True`): the growing cache length and the batch size are
   symbols in one graph, not a recompilation per token.
 
-On CPU the graph also holds the weights as constants, and Inductor times its own C++ matmul
-templates against PyTorch's kernels for each weight-only int4/int8 product and keeps the faster
-(`CPU_OPTIONS`; its int4 template is 1.5-1.8x as fast as PyTorch's kernel for one row).
+On CPU the graph also holds the weights as constants, its wrapper (the code that calls each
+kernel in turn) is generated as C++ rather than Python, and, where packed layers still use
+PyTorch's weight-only int4/int8 kernels (CPUs without AVX-512 VNNI), Inductor times its own C++
+matmul templates against them and keeps the faster (`CPU_OPTIONS`; its int4 template is 1.5-1.8x
+as fast as PyTorch's kernel for one row). Our own kernels (`kernels.cpu_decode`) are operators
+the graph calls as they are.
 
 Compiling costs time once (about a minute for SmolLM2 or Gemma 3 on 2 cores; Inductor caches
 the result on disk, so a later process takes 15-20 s). If compilation fails (no C++ compiler, an
@@ -48,27 +51,28 @@ from .models.layers import model_device
 from .models.fusion import fuse_projections
 
 # Dynamo re-checks, before every call of a compiled graph, the assumptions it traced under
-# ("guards"). On a 30-layer model that is thousands of checks (~0.7 ms per step). Guards of
-# these kinds on the model's own modules check what loading fixed once and nothing changes
-# afterwards (module types, that no nn.Module hooks are registered, parameter shapes), so we
-# drop them. Guards on values the forward pass branches on (layer indices, the flags and
-# listener lists above, sequence lengths) are kept: changing those still recompiles.
-_FIXED_AFTER_LOADING = frozenset({"TYPE_MATCH", "ID_MATCH", "CLOSURE_MATCH", "TENSOR_MATCH",
-                                  "EMPTY_NN_MODULE_HOOKS_DICT", "NOT_PRESENT_IN_GENERIC_DICT",
-                                  "DICT_NOT_CONTAINS"})
-
-
+# ("guards"): on a 30-layer model some 4,000 checks (~0.5 ms of a ~4.8 ms SmolLM2 step). All
+# those on the model's own modules are dropped: what may change there between steps is whether
+# anyone observes (hook listeners, PyTorch hooks, `explicit` attention), and `CompiledDecode`
+# checks that itself before each step (`observed`), sending observed steps eagerly; the rest
+# (module types, layer indices, sizes, weights, flags like a layer's sliding window) is fixed
+# by loading. Each model compiles its own graphs (`_own_frame`), so two models never share
+# one. Guards on the arguments (the cache's length and tensors, token shapes) are kept:
+# those still select or recompile graphs.
 # On CPU, Inductor also gets the model's weights as constants of the graph ("freezing") and
 # chooses each weight-only int4/int8 matmul between PyTorch's kernel and a C++ template it
 # generates for that exact shape, by timing both at compile time ("max-autotune" of GEMMs only).
 # Its template wins for batch-1 decode: SmolLM2 on a 2-core AVX-512 CPU 173 -> 211 tok/s
-# (bench/RESULTS.md). The price: a longer first compilation (~1 min more; cached on disk like
+# (bench/RESULTS.md). `cpp_wrapper`: the wrapper that calls the step's ~300 kernels runs as C++;
+# with our own operators (each a call through PyTorch's dispatcher from a Python wrapper) that
+# made SmolLM2's compiled decode 216 -> 235 tok/s (session 12), for a longer first compilation. The price: a longer first compilation (~1 min more; cached on disk like
 # the rest), and the graph may hold copies of weights that it derived at compile time, so
 # weights edited after compiling are not guaranteed to be seen (listeners and hooks, LucidLM's
 # way of editing activations, send steps through the eager forward anyway). Each model gets
 # graphs of its own (`_own_frame`; tests/test_compile.py interleaves two models of one shape).
 CPU_OPTIONS = {"freezing": True, "max_autotune_gemm": True, "max_autotune_gemm_backends": "CPP,ATEN",
-               "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}  # (timings not printed)
+               "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False,  # (timings not printed)
+               "cpp_wrapper": True}
 
 _seconds_compiling = 0.0  # all models together, this process
 
@@ -82,8 +86,7 @@ def seconds_compiling() -> float:
 
 
 def _keep_guard(entries) -> list[bool]:
-    return [not (entry.orig_guard.source.is_unspecialized_nn_module() and entry.guard_type in _FIXED_AFTER_LOADING)
-            for entry in entries]
+    return [not entry.orig_guard.source.is_unspecialized_nn_module() for entry in entries]
 
 
 class CompiledDecode:

@@ -73,3 +73,17 @@ def hf_gemma_model(gemma_path):
 
     model = AutoModelForCausalLM.from_pretrained(gemma_path.parent, gguf_file=gemma_path.name, dtype=torch.float32)
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def pytorch_weight_only_kernels():
+    """Packed models as CPUs without AVX-512 VNNI get them: Int4Linear / Int8Linear on PyTorch's
+    weight-only kernels, and PyTorch's attention, also where our int8-dot kernels would run
+    (`lucidlm.kernels.cpu_decode`; test_cpu_decode.py covers those). Module-scoped, so that the
+    modules' loaded-once models are built under it (`pytestmark = usefixtures(...)`)."""
+    from lucidlm.kernels import cpu_decode
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu_decode, "available", lambda: False)
+        patch.setattr(cpu_decode, "_BUILT", False)
+        yield

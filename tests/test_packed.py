@@ -46,6 +46,9 @@ TEXT = PASSAGE[: len(PASSAGE) // 2]  # one copy of the passage: ~300 tokens of E
 # Byte offsets of the float16 scales inside one block (ggml-common.h).
 F16_SCALE_OFFSETS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q4_K": [0, 2]}
 
+# These tests are about PyTorch's weight-only kernels: they run there even where ours would.
+pytestmark = pytest.mark.usefixtures("pytorch_weight_only_kernels")
+
 
 def _random_blocks(type_name: str, n_blocks: int, rng: np.random.Generator) -> np.ndarray:
     """Random raw blocks (n_blocks, type_size) uint8 whose float16 scales are finite and sane:

@@ -26,6 +26,9 @@ from prompts import PASSAGE
 
 PARTS = {"self_attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")), "mlp": ("gate_up_proj", ("gate_proj", "up_proj"))}
 
+# These tests are about PyTorch's weight-only kernels: they run there even where ours would.
+pytestmark = pytest.mark.usefixtures("pytorch_weight_only_kernels")
+
 
 def _load_unfused(name: str):
     """The model as the loader made it before fusion existed: the same code path, fusion a no-op."""

@@ -23,6 +23,9 @@ from prompts import PASSAGE
 needs_fbgemm = pytest.mark.skipif(torch.backends.quantized.engine not in ("x86", "fbgemm"),
                                   reason="FBGEMM (PyTorch's x86 quantized engine) not in this build")
 
+# These tests are about PyTorch's weight-only kernels: they run there even where ours would.
+pytestmark = pytest.mark.usefixtures("pytorch_weight_only_kernels")
+
 
 def _head(V: int = 8192, C: int = 256, seed: int = 0) -> Int8Head:  # V > RESCORED: a tail
     g = torch.Generator().manual_seed(seed)

@@ -10,15 +10,18 @@ Three ways to hold the weights (`dtype`):
     "float32"   every tensor dequantized to float32: the exact reference arithmetic
                 (what HF transformers computes from the same file); used by the parity tests.
     "bfloat16"  dense bfloat16 weights and activations (half the memory, AVX-512 BF16 speed).
-    "packed"    4-bit matrices (Q4_0/Q4_1/Q4_K) stay 4-bit (`models.packed.Int4Linear`: the
-                4-bit values exact, scales in bfloat16), the Q8_0 embedding table stays
+    "packed"    4-bit matrices (Q4_0/Q4_1/Q4_K) stay 4-bit, the Q8_0 embedding table stays
                 Q8_0, read from the mapped file row by row (`Q8Embedding`, exact lookups),
-                other quantized matrices (Q5_0, Q6_K, Q8_0, a tied LM head) become int8
-                per row (`Int8Linear`; a head larger than the blocks together, as Gemma 3's, an
-                `Int8Head` where PyTorch runs AVX2 kernels: `models.packed_head`); activations and KV cache stay float32; the
-                kernels of a few rows (decode) take and give bfloat16.
-                The fastest on CPU and the smallest in memory; `bench/quality.py` measures
-                what it changes in the next-token distribution (less than llama.cpp).
+                other quantized matrices (Q5_0, Q6_K, Q8_0) become int8. On CPUs with AVX-512
+                VNNI all of them are `models.dot_linear.Int8DotLinear`s (the 4-bit values and
+                their float16 scales exact, int8 with a scale per 32 values, a tied Q8_0 head
+                exact), multiplied in decode steps by our own integer-dot kernel
+                (`kernels.cpu_decode`). Elsewhere: `models.packed.Int4Linear` (scales in
+                bfloat16) and `Int8Linear` (a scale per row; a head larger than the blocks
+                together, as Gemma 3's, an `Int8Head` where PyTorch runs AVX2 kernels:
+                `models.packed_head`), PyTorch's weight-only kernels. Activations and KV cache
+                stay float32. The fastest on CPU and the smallest in memory; `bench/quality.py`
+                measures what it changes in the next-token distribution (less than llama.cpp).
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import torch
 from ..errors import ModelFileError, UnsupportedError
 from ..models.gemma3 import Gemma3
 from ..models.llama import Llama
+from ..kernels import cpu_decode
+from ..models.dot_linear import Int8DotLinear
 from ..models.fusion import fuse_projections
 from ..models.packed import DENSE_DTYPE, Int4Linear, Int8Linear, Q8Embedding
 from ..models.packed_head import use_int8_head_where_it_pays
@@ -150,25 +155,32 @@ def load_gguf(path: str | Path, dtype: str = "float32", progress: bool = True) -
         gguf.release(g)
         return out
 
+    # Where the CPU has AVX-512 VNNI, packed matrices whose rows are whole chunks of 64 take the
+    # int8-dot kernel's layout (`models.dot_linear`); elsewhere PyTorch's weight-only kernels'.
+    dot = dtype == "packed" and cpu_decode.available()
     for n, (g, ours) in enumerate(names.items()):
         info = gguf.tensors[g]
         module_name = ours.removesuffix(".weight")
         is_linear = isinstance(model.get_submodule(module_name), torch.nn.Linear)
-        if dtype == "packed" and is_linear and info.type_name in AFFINE_4BIT_TYPES and Int4Linear.fits(info.shape):
+        use_dot = dot and Int8DotLinear.fits(info.shape)
+        if dtype == "packed" and is_linear and info.type_name in AFFINE_4BIT_TYPES and (use_dot or Int4Linear.fits(info.shape)):
             # Fix-ups of linear weights only reorder rows (Llama's RoPE permutation), so
             # they apply to q, scale and offset alike.
             q, scale, offset = (fix_up(ours, t, cfg) for t in decode(g, affine_4bit, info.ggml_type, info.shape, g))
-            packed[module_name] = Int4Linear(q, scale, offset, pack=False)  # packed below, after stacking
+            packed[module_name] = Int8DotLinear.from_int4(q, scale, offset) if use_dot else \
+                Int4Linear(q, scale, offset, pack=False)  # packed below, after stacking
         elif dtype == "packed" and ours == "embed_tokens.weight" and info.type_name == "Q8_0":
             # The fix-ups never touch embedding tables, so the file's Q8_0 blocks are the table; it
             # stays in the file, memory-mapped, and only the rows looked up are ever read.
             packed["embed_tokens"] = Q8Embedding(gguf.map_tensor(g), info.shape)
             if cfg.tie_embeddings:  # reads every row once, through a mapping that goes with it
-                packed["lm_head"] = Q8Embedding(gguf.map_tensor(g), info.shape).as_int8_linear()
+                packed["lm_head"] = Int8DotLinear.from_q8_0(gguf.map_tensor(g), info.shape) if use_dot else \
+                    Q8Embedding(gguf.map_tensor(g), info.shape).as_int8_linear()
         else:
             tensor = fix_up(ours, decode(g, dequantize, info.ggml_type, info.shape, g), cfg)
             if dtype == "packed" and is_linear and info.type_name not in ("F32", "F16", "BF16"):
-                packed[module_name] = Int8Linear.quantize(tensor)  # Q5_0, Q8_0, Q6_K ...: int8 per row
+                # Q5_0, Q8_0, Q6_K ...: int8, a scale per 32 values (int8-dot) or per row
+                packed[module_name] = Int8DotLinear.quantize(tensor) if use_dot else Int8Linear.quantize(tensor)
             else:
                 # Norm weights and other vectors stay float32: norms compute in float32 anyway.
                 state[ours] = tensor.to(matrix_dtype if tensor.dim() == 2 else torch.float32)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import chunked_attention
+from ..kernels import cpu_decode
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -211,9 +212,13 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     passed through `weights_hook`, which may replace them); both paths compute the same
     function. A model that sets `prefill_dtype` (packed models on CPUs with AVX-512 BF16) runs
     long prompts through `chunked_attention` in that dtype instead: faster there, and rounded.
+    Packed models' decode steps on CPUs with AVX-512 VNNI take `cpu_decode.decode_attention`
+    (one query: the same float32 function without the fused kernel's set-up cost).
     """
     if not explicit and chunked_attention.applies(q, mask, prefill_dtype):
         return chunked_attention.chunked_attention(q, k, v, mask, scale, prefill_dtype), None
+    if not explicit and cpu_decode.attention_applies(q, k, v, mask):  # a decode step of a packed model on a CPU
+        return cpu_decode.decode_attention(q, k, v, mask, scale), None
     if not explicit:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         return out, None

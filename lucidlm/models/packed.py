@@ -4,7 +4,9 @@ The float32 path dequantizes every GGUF tensor once at load time; exact, but eac
 step then reads 4 bytes per weight, and a batch-1 decode step is bound by how fast the
 weights stream from memory (135 M weights * 4 bytes / 31 GB/s ≈ 17 ms for SmolLM2). These
 modules keep the weights small and multiply with PyTorch's weight-only quantized kernels,
-which unpack the weights inside the matrix multiply:
+which unpack the weights inside the matrix multiply. (On CPUs with AVX-512 VNNI the loader uses
+`models.dot_linear.Int8DotLinear` instead, with our own integer-dot kernel: faster, and closer
+to the float32 model.)
 
     Int4Linear   4-bit values in groups of 32 with a scale and an offset per group:
                  w = scale * q + offset,  q in 0..15.  Q4_0, Q4_1 and Q4_K weights are

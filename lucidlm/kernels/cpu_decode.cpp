@@ -1,0 +1,236 @@
+// Two kernels for a decode step on a CPU (lucidlm/kernels/cpu_decode.py says why and when):
+//   int8_dot_matmul    matrix-vector products with integer dot products: 4- or 8-bit weights
+//                      times activations quantized to int8 on the fly;
+//   decode_attention   the attention of one query over the KV cache.
+//
+// A decode step multiplies one row x (1 x K) by each weight matrix W (N x K). Decoding every
+// weight to a float before multiplying costs several instructions per weight; instead we
+// round x to int8 (a scale per group of 32 values, as the weights have) and let AVX-512 VNNI's
+// vpdpbusd multiply 64 unsigned weight bytes by 64 signed activation bytes and add them in
+// fours into 16 int32 lanes: one instruction per 64 weights. Per group g of 32 values:
+//
+//     sum_k W[n,k] x[k] = sum_k (d_g q_k + m_g) (e_g p_k)       (W = d q + m,  x ~ e p)
+//                       = d_g e_g sum_k q_k p_k  +  m_g e_g sum_k p_k
+//
+// q (0..15 or 0..255) and p (-127..127) are integers: the first sum is vpdpbusd's, the second
+// depends on x alone and is computed once per call. Weights come in chunks of 64 values (two
+// groups, A and B): 32 bytes (4-bit: byte b holds value b in its low nibble and value 32 + b in
+// its high one) or 64 bytes (8-bit: q + 128), and four float16 numbers (dA, dB, mA, mB).
+// After vpdpbusd, lanes 0-7 hold group A's partial sums and lanes 8-15 group B's.
+#include <torch/library.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <immintrin.h>
+#include <cmath>
+#include <algorithm>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+namespace {
+
+constexpr int64_t CHUNK = 64;  // values per chunk: two groups of 32
+
+// x (M, K) float32 -> two int8 terms per value, x ~ e (256 p1 + p2), e a scale per group of 32:
+// p1 rounds x to steps of 256 e = max|x|/127, p2 rounds what p1 left over (at most half a step:
+// 128 e; clamped to 127) to steps of e. One term alone errs by up to max|x|/254 per value, and
+// on SmolLM2 that alone cost as much next-token KL as all of llama.cpp's rounding; two err by
+// 1/256 of that. The kernel gets 256 q.p1 + q.p2 as integers (vpdpbusd, a shift, vpdpbusd
+// again, into the same int32 lanes: 4 * 255 * 127 * 257 < 2^31), one instruction more per chunk
+// than one term, which a kernel bound by reading the weights from memory has time for.
+// p: (2, M, K) int8; e: (M, K/32); s: (M, K/32) e (256 sum p1 + sum p2) / 8, the second sum of
+// the formula above (divided by 8: the kernel adds it in each of 8 lanes).
+void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* p, float* e, float* s) {
+  const int64_t G = K / 32;
+  for (int64_t m = 0; m < M; m++) {
+    for (int64_t g = 0; g < G; g++) {
+      __m512 v[2] = {_mm512_loadu_ps(x + m * K + g * 32), _mm512_loadu_ps(x + m * K + g * 32 + 16)};
+      float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+      float step = amax / 127.f, inverse = amax > 0.f ? 127.f / amax : 0.f;
+      int total = 0;
+      for (int half = 0; half < 2; half++) {
+        // round to nearest (even), as torch.round; then the rest, in steps 256 times finer
+        __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v[half], _mm512_set1_ps(inverse)));
+        __m512 rest = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(q1), _mm512_set1_ps(step), v[half]);
+        __m512i q2 = _mm512_cvtps_epi32(_mm512_mul_ps(rest, _mm512_set1_ps(256.f * inverse)));
+        q2 = _mm512_max_epi32(_mm512_min_epi32(q2, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+        _mm_storeu_si128((__m128i*)(p + m * K + g * 32 + 16 * half), _mm512_cvtsepi32_epi8(q1));
+        _mm_storeu_si128((__m128i*)(p + (M + m) * K + g * 32 + 16 * half), _mm512_cvtsepi32_epi8(q2));
+        total += 256 * _mm512_reduce_add_epi32(q1) + _mm512_reduce_add_epi32(q2);
+      }
+      e[m * G + g] = step / 256.f;
+      s[m * G + g] = step / 256.f * (float)total / 8.f;
+    }
+  }
+}
+
+// One chunk's weights as 64 unsigned bytes in value order.
+template <int BITS>
+inline __m512i load_chunk(const uint8_t* w) {
+  if constexpr (BITS == 8) {
+    return _mm512_loadu_si512(w);
+  } else {
+    // the 32 bytes twice; the upper copy shifted right by 4: low nibbles, then high nibbles
+    const __m512i shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+    __m512i both = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)w));
+    return _mm512_and_si512(_mm512_srlv_epi16(both, shifts), _mm512_set1_epi8(0x0F));
+  }
+}
+
+// The two float16 numbers at h, as 16 floats (a, b, a, b, ...).
+inline __m512 pair(const uint16_t* h) {
+  int32_t bits;
+  std::memcpy(&bits, h, 4);
+  return _mm512_cvtph_ps(_mm256_set1_epi32(bits));
+}
+
+// The two floats at f, as 16 floats (a, b, a, b, ...).
+inline __m512 pair(const float* f) {
+  double bits;
+  std::memcpy(&bits, f, 8);
+  return _mm512_castpd_ps(_mm512_set1_pd(bits));
+}
+
+// y[m, n] for rows n in [n0, n1): weights (N, K * BITS/8) bytes, scales (N, K/64, 4) float16.
+template <int BITS>
+void rows_dot(const uint8_t* weights, const uint16_t* scales, const int8_t* p, const float* e, const float* s,
+              int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1, float* y) {
+  const int64_t chunks = K / CHUNK, row_bytes = K * BITS / 8, chunk_bytes = CHUNK * BITS / 8;
+  // (a, b, a, b, ...) -> (a x 8, b x 8): the scale of each int32 lane's group
+  const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  for (int64_t n = n0; n < n1; n++) {
+    const uint8_t* w = weights + n * row_bytes;
+    const uint16_t* h = scales + n * chunks * 4;
+    for (int64_t m = 0; m < M; m++) {
+      const int8_t* p1 = p + m * K;
+      const int8_t* p2 = p + (M + m) * K;
+      const float* em = e + m * 2 * chunks;
+      const float* sm = s + m * 2 * chunks;
+      __m512 acc = _mm512_setzero_ps(), offsets = _mm512_setzero_ps();
+      for (int64_t c = 0; c < chunks; c++) {
+        const __m512i q = load_chunk<BITS>(w + c * chunk_bytes);
+        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, _mm512_loadu_si512(p1 + c * CHUNK));
+        dot = _mm512_dpbusd_epi32(_mm512_slli_epi32(dot, 8), q, _mm512_loadu_si512(p2 + c * CHUNK));
+        __m512 scale = _mm512_permutexvar_ps(spread, _mm512_mul_ps(pair(h + c * 4), pair(em + c * 2)));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc);
+        offsets = _mm512_fmadd_ps(pair(h + c * 4 + 2), pair(sm + c * 2), offsets);
+      }
+      y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc, offsets));
+    }
+  }
+}
+
+// x (M, K) float32 times the (N, K) weight -> (M, N) float32.
+at::Tensor int8_dot_matmul(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& scales, int64_t bits) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: a contiguous (M, K) float32 tensor");
+  TORCH_CHECK(bits == 4 || bits == 8, "bits: 4 or 8");
+  const int64_t M = x.size(0), K = x.size(1), N = weights.size(0);
+  TORCH_CHECK(K % CHUNK == 0, "K must be a multiple of 64");
+  TORCH_CHECK(weights.scalar_type() == at::kByte && weights.is_contiguous() && weights.dim() == 2 &&
+              weights.size(1) == K * bits / 8, "weights: (N, K * bits/8) uint8");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.numel() == N * K / CHUNK * 4,
+              "scales: (N, K/64, 4) float16");
+  at::Tensor p = at::empty({2, M, K}, x.options().dtype(at::kChar));
+  at::Tensor e = at::empty({M, K / 32}, x.options());
+  at::Tensor s = at::empty({M, K / 32}, x.options());
+  at::Tensor y = at::empty({M, N}, x.options());
+  quantize_rows(x.data_ptr<float>(), M, K, p.data_ptr<int8_t>(), e.data_ptr<float>(), s.data_ptr<float>());
+  const uint8_t* w = weights.data_ptr<uint8_t>();
+  const uint16_t* h = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  // Rows split between threads, 16 at least each. Even small matrices are worth splitting: a
+  // decode step streams its weights from memory, and one core alone reads at ~25 GB/s where two
+  // read ~50 (576 x 576 4-bit, out of cache: 8.4 us on one thread, 6.6 on two).
+  const int64_t grain = 16;
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    if (bits == 4)
+      rows_dot<4>(w, h, p.data_ptr<int8_t>(), e.data_ptr<float>(), s.data_ptr<float>(), M, K, N, n0, n1, y.data_ptr<float>());
+    else
+      rows_dot<8>(w, h, p.data_ptr<int8_t>(), e.data_ptr<float>(), s.data_ptr<float>(), M, K, N, n0, n1, y.data_ptr<float>());
+  });
+  return y;
+}
+
+// Attention of one query per sequence (a decode step), in float32: softmax(q k^T * scale + mask) v
+// for q (B, H, 1, D) over the cache's k, v (B, H_kv, S, D; rows of D contiguous, as views of a
+// longer cache are), query head h reading key/value head h / (H / H_kv). mask: (B, 1, 1, S)
+// bool (true: may attend) or undefined. PyTorch's fused kernel spends ~15-20 us a call setting
+// up for this; the arithmetic itself (SmolLM2: 9 heads x ~100 positions x 64) is ~2 us.
+at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& mask, double scale) {
+  TORCH_CHECK(q_in.dim() == 4 && q_in.size(2) == 1 && q_in.scalar_type() == at::kFloat, "q: (B, H, 1, D) float32");
+  const int64_t B = q_in.size(0), H = q_in.size(1), D = q_in.size(3), H_kv = k.size(1), S = k.size(2);
+  TORCH_CHECK(D % 16 == 0 && H % H_kv == 0, "D must be a multiple of 16, H of H_kv");
+  for (const at::Tensor* t : {&k, &v})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->stride(3) == 1 && (S == 1 || t->stride(2) == D) && t->size(2) == S,
+                "k, v: (B, H_kv, S, D) float32 with contiguous rows");
+  at::Tensor q = q_in.contiguous();
+  at::Tensor out = at::empty({B, H, 1, D}, q.options());
+  const bool* allowed = nullptr;
+  int64_t mask_b = 0, mask_s = 0;
+  at::Tensor mask_bool;
+  if (mask.has_value() && mask->defined()) {
+    mask_bool = mask->scalar_type() == at::kBool ? *mask : mask->to(at::kBool);
+    TORCH_CHECK(mask_bool.dim() == 4 && mask_bool.size(-1) == S, "mask: (B, 1, 1, S) bool");
+    allowed = mask_bool.data_ptr<bool>();
+    mask_b = mask_bool.size(0) == 1 ? 0 : mask_bool.stride(0);
+    mask_s = mask_bool.stride(3);
+  }
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t group = H / H_kv, vectors = D / 16;
+  // (b, h) pairs split between threads when there is enough work (~64k multiply-adds each)
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, S * D));
+  at::parallel_for(0, B * H, grain, [&](int64_t first, int64_t last) {
+    std::vector<float> scores(S);
+    for (int64_t bh = first; bh < last; bh++) {
+      const int64_t b = bh / H, h = bh % H, kv = h / group;
+      const float* qh = qp + bh * D;
+      const float* kh = kp + b * k.stride(0) + kv * k.stride(1);
+      const float* vh = vp + b * v.stride(0) + kv * v.stride(1);
+      float best = -INFINITY;
+      for (int64_t s = 0; s < S; s++) {
+        if (allowed != nullptr && !allowed[b * mask_b + s * mask_s]) { scores[s] = -INFINITY; continue; }
+        __m512 dot = _mm512_setzero_ps();
+        for (int64_t i = 0; i < vectors; i++)
+          dot = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * i), _mm512_loadu_ps(kh + s * D + 16 * i), dot);
+        scores[s] = _mm512_reduce_add_ps(dot) * (float)scale;
+        best = std::max(best, scores[s]);
+      }
+      float* oh = op + bh * D;
+      float total = 0.f;
+      for (int64_t s = 0; s < S; s++) {
+        scores[s] = scores[s] == -INFINITY ? 0.f : std::exp(scores[s] - best);
+        total += scores[s];
+      }
+      // out = sum_s p[s] v[s], 8 vectors of 16 at a time in registers
+      for (int64_t i0 = 0; i0 < vectors; i0 += 8) {
+        const int64_t n = std::min<int64_t>(8, vectors - i0);
+        __m512 acc[8];
+        for (int64_t i = 0; i < 8; i++) acc[i] = _mm512_setzero_ps();
+        for (int64_t s = 0; s < S; s++) {
+          if (scores[s] == 0.f) continue;  // masked (its cache slot may hold anything)
+          const __m512 p = _mm512_set1_ps(scores[s]);
+          const float* row = vh + s * D + 16 * i0;
+          for (int64_t i = 0; i < n; i++) acc[i] = _mm512_fmadd_ps(p, _mm512_loadu_ps(row + 16 * i), acc[i]);
+        }
+        for (int64_t i = 0; i < n; i++) _mm512_storeu_ps(oh + 16 * (i0 + i), _mm512_div_ps(acc[i], _mm512_set1_ps(total)));
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lucidlm_kernels, m) {
+  m.def("int8_dot_matmul(Tensor x, Tensor weights, Tensor scales, int bits) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lucidlm_kernels, CPU, m) {
+  m.impl("int8_dot_matmul", &int8_dot_matmul);
+  m.impl("decode_attention", &decode_attention);
+}

@@ -1,0 +1,122 @@
+"""Kernels for decode steps on a CPU with AVX-512 VNNI, in C++ (cpu_decode.cpp), used by packed models.
+
+1. `matmul`: integer dot products, int8 activations times 4- or 8-bit weights.
+
+Why: a batch-1 decode step multiplies one row by every weight matrix, and PyTorch's weight-only
+CPU kernels (and Inductor's templates for them) turn each 4-bit weight into a float before a
+float multiply-add: several instructions per weight, so on 2 cores they run well below memory
+bandwidth (SmolLM2's 3072 x 576 gate/up: ~27 µs, ~37 GB/s). AVX-512 VNNI multiplies 64 bytes by
+64 bytes into 16 int32 sums in one instruction (`vpdpbusd`). So, as llama.cpp does, we round
+the activations to int8 as well, with one scale per group of 32 values (the weights' own
+grouping), and multiply integers: the same product in ~20 µs there, ~67-74 GB/s on large
+matrices (`bench/kernels.py`, bench/RESULTS.md).
+
+The cost is the activations' rounding: each value to within half a step of max|group|/127
+(relative error of a layer's output ~0.5 % on random data); `bench/quality.py` measures its
+effect on the next-token distribution against llama.cpp's (which rounds the same way).
+
+Layout (`Int8DotLinear` builds it): the weight W (N, K) in chunks of 64 values (two groups of
+32: A, B), each chunk's values q stored as unsigned bytes (4-bit: 32 bytes, byte b holding
+value b in its low nibble and value 32 + b in its high one; 8-bit: 64 bytes, q + 128) and
+four float16 numbers per chunk (scale and offset of A and B: W = scale * q + offset). The C++
+source (cpu_decode.cpp) has the arithmetic.
+
+2. `decode_attention`: the attention of one query per sequence over the cache, float32 (its
+docstring says why).
+
+The kernel is compiled on first use with the C++ compiler PyTorch's extensions use (~5 s;
+cached in torch's extension directory, `TORCH_EXTENSIONS_DIR`) and only on x86 CPUs with
+AVX-512 VNNI; elsewhere, or if the build fails (the warning says why), `available()` is False
+and packed models keep PyTorch's weight-only kernels (and attention). LUCIDLM_CPU_KERNELS=0 turns
+them off.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_decode.cpp")
+CHUNK = 64  # values per chunk of the layout: two groups of 32
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-fopenmp"]
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has AVX-512 VNNI (and the AVX-512 subsets the kernel uses), from /proc/cpuinfo."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "f16c", "fma"} <= set(flags.split(":")[-1].split())
+
+
+@functools.cache
+def available() -> bool:
+    """Whether these kernels run here: an x86 CPU with AVX-512 VNNI, a C++ compiler, and
+    not turned off (LUCIDLM_CPU_KERNELS=0). Builds them the first time (cached on disk)."""
+    if os.environ.get("LUCIDLM_CPU_KERNELS", "1") == "0" or not cpu_has_vnni():
+        return False
+    if hasattr(torch.ops.lucidlm_kernels, "int8_dot_matmul"):
+        return True
+    try:
+        from torch.utils import cpp_extension
+        cpp_extension.load(name="lucidlm_cpu_decode", sources=[str(SOURCE)], extra_cflags=FLAGS,
+                           extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    except Exception as error:  # no compiler, no ninja, a compiler error: PyTorch's kernels instead
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        warnings.warn(f"the int8-dot decode kernel could not be built ({reason}); using PyTorch's "
+                      "weight-only kernels", RuntimeWarning, stacklevel=2)
+        return False
+    # the outputs' shapes, for torch.compile's tracing (the operators are C++)
+    torch.library.register_fake("lucidlm_kernels::int8_dot_matmul", _fake)
+    torch.library.register_fake("lucidlm_kernels::decode_attention", _fake_attention)
+    global _BUILT
+    _BUILT = True
+    return True
+
+
+_BUILT = False  # set by the first successful available(): the packed loader asks, float32 models never do
+
+
+def matmul(x: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """x (M, K) times Wᵀ -> (M, N) float32, W in the layout above (weights (N, K*bits/8) uint8,
+    scales (N, K/64*4) float16). x is rounded to int8 inside, a scale per 32 values."""
+    return torch.ops.lucidlm_kernels.int8_dot_matmul(x.float().contiguous(), weights, scales, bits)
+
+
+def attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether `decode_attention` takes this: one float32 query per sequence on a CPU, head size a
+    multiple of 16, cache rows contiguous, a bool mask or none, and the kernels built (they are
+    for packed models: the loader builds them; float32 and bfloat16 models keep PyTorch's kernel)."""
+    return (_BUILT and q.shape[2] == 1 and q.device.type == "cpu" and q.dtype == k.dtype == torch.float32
+            and q.shape[-1] % 16 == 0 and v.dtype == torch.float32 and _rows_contiguous(k) and _rows_contiguous(v)
+            and (mask is None or mask.dtype == torch.bool))
+
+
+def _rows_contiguous(t: torch.Tensor) -> bool:
+    """Each position's D values contiguous and positions D apart (a view of the cache is)."""
+    return t.stride(-1) == 1 and (t.shape[-2] == 1 or t.stride(-2) == t.shape[-1])
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float) -> torch.Tensor:
+    """softmax(q kᵀ scale + mask) v for one query per sequence: q (B, H, 1, D), k, v (B, H_kv, S, D)
+    (views of the cache), mask (B, 1, 1, S) bool or None. PyTorch's fused kernel spends ~15-30 µs
+    a call setting up for this; the arithmetic of a small model's step is a few µs (SmolLM2: 30
+    calls a step). Float32 throughout, equal to PyTorch's to ~1e-6."""
+    return torch.ops.lucidlm_kernels.decode_attention(q, k, v, mask, scale)
+
+
+def _fake(x: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weights.shape[0], dtype=torch.float32)
+
+
+def _fake_attention(q, k, v, mask, scale):
+    return q.new_empty(q.shape)

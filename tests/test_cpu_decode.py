@@ -1,0 +1,271 @@
+"""Our C++ decode kernels (`lucidlm.kernels.cpu_decode`) and the layer that uses them
+(`models.dot_linear.Int8DotLinear`), against plain float64 arithmetic and PyTorch's attention.
+
+The matmul rounds x to two int8 terms per value (x ~ e (256 p1 + p2), e a scale per 32 values:
+cpu_decode.cpp), so its error is bounded: each value is off by at most max|group| / 127 / 256
+(half a fine step, plus the clamped extreme), and an output by that times the sum of |W| over
+the group. The tests compute that bound from the inputs and require the kernel to stay within it
+(a kernel with one term, or the wrong scale for a lane, misses it by orders of magnitude).
+Skipped where the kernels do not run (no AVX-512 VNNI, or no C++ compiler): there packed models
+keep PyTorch's kernels, covered by test_packed.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lucidlm.kernels import cpu_decode
+from lucidlm.models.dot_linear import Int8DotLinear
+
+pytestmark = pytest.mark.skipif(not cpu_decode.available(), reason="needs AVX-512 VNNI and a C++ compiler")
+
+
+def random_int4(N: int, K: int, seed: int = 0):
+    """4-bit values, float16-exact scales and offsets per 32, and the float64 matrix they make."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (N, K), generator=g)
+    scale = (torch.rand(N, K // 32, generator=g) * 0.05 + 0.001).half().float()
+    offset = (-torch.rand(N, K // 32, generator=g) * 0.4).half().float()
+    W = (q.double().view(N, K // 32, 32) * scale.double()[..., None] + offset.double()[..., None]).view(N, K)
+    return q, scale, offset, W
+
+
+def activations(M: int, K: int, seed: int = 1) -> torch.Tensor:
+    """Rows like a model's hidden states: mostly small, a few outlier channels."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g)
+    x[:, :: max(1, K // 7)] *= 30
+    return x
+
+
+def error_bound(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """(M, N): the most the two-term int8 rounding of x can move x Wᵀ."""
+    M, K = x.shape
+    step = x.double().view(M, K // 32, 32).abs().amax(-1) / 127 / 256  # the fine step per group
+    per_group = W.double().abs().view(W.shape[0], K // 32, 32).sum(-1)  # (N, G)
+    return step @ per_group.t() + 1e-6
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 960, 576), (1, 576, 1536), (3, 5, 64), (8, 48, 640), (2, 300, 2048)])
+def test_int4_matmul_is_the_float_product_within_the_rounding_bound(M, N, K):
+    q, scale, offset, W = random_int4(N, K)
+    layer = Int8DotLinear.from_int4(q, scale, offset)
+    x = activations(M, K)
+    y = layer(x)
+    assert y.dtype == torch.float32 and y.shape == (M, N)
+    error = (y.double() - x.double() @ W.t()).abs()
+    assert (error <= error_bound(x, W)).all(), f"max error {error.max():.3g}"
+
+
+def test_a_single_int8_term_would_miss_the_bound():
+    """The bound is tight enough to tell one rounding term from two: x rounded once to int8
+    (the usual scheme) moves the product by far more than it allows."""
+    q, scale, offset, W = random_int4(64, 576)
+    x = activations(1, 576)
+    groups = x.view(1, -1, 32)
+    step = groups.abs().amax(-1, keepdim=True) / 127
+    once = ((groups / step).round() * step).view_as(x)
+    assert ((once.double() @ W.t() - x.double() @ W.t()).abs() > error_bound(x, W)).any()
+
+
+def test_weights_decode_to_the_values_given():
+    q, scale, offset, W = random_int4(40, 128)
+    layer = Int8DotLinear.from_int4(q, scale, offset)
+    assert torch.equal(layer.weight.double(), W)  # float16 scales: exact in float32
+    assert torch.equal(layer.weight_rows(7, 19).double(), W[7:19])
+
+
+def q8_0_blocks(N: int, K: int, seed: int = 2):
+    """A Q8_0 matrix's bytes (a float16 scale, then 32 int8 values, per block) and its values."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randint(-127, 128, (N, K // 32, 32), generator=g, dtype=torch.int8)
+    scale = (torch.rand(N, K // 32, 1, generator=g) * 0.01).half()
+    blocks = torch.cat([scale.view(torch.uint8), values.view(torch.uint8)], dim=-1)  # (N, K/32, 34)
+    return blocks.reshape(-1), (values.double() * scale.double()).view(N, K)
+
+
+def test_q8_0_head_is_exact_and_multiplies_within_the_bound():
+    blocks, W = q8_0_blocks(200, 576)
+    head = Int8DotLinear.from_q8_0(blocks, (200, 576))
+    assert head.bits == 8 and torch.equal(head.weight.double(), W)
+    x = activations(2, 576)
+    error = (head(x).double() - x.double() @ W.t()).abs()
+    assert (error <= error_bound(x, W)).all(), f"max error {error.max():.3g}"
+
+
+def test_quantize_rounds_each_value_to_within_half_a_step():
+    W = torch.randn(33, 256) * torch.linspace(0.01, 3, 256)
+    layer = Int8DotLinear.quantize(W)
+    step = W.view(33, 8, 32).abs().amax(-1, keepdim=True) / 127
+    assert ((layer.weight - W).view(33, 8, 32).abs() <= step * 0.5 * 1.002 + 1e-7).all()
+    x = activations(1, 256)
+    error = (layer(x).double() - x.double() @ layer.weight.double().t()).abs()
+    assert (error <= error_bound(x, layer.weight)).all()
+
+
+def test_stacked_layers_give_the_parts_outputs_bit_for_bit():
+    parts = [Int8DotLinear.from_int4(*random_int4(n, 576, seed=n)[:3]) for n in (576, 192, 192)]
+    fused = Int8DotLinear.concat(parts)
+    x = activations(1, 576)
+    assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))
+    with pytest.raises(ValueError, match="bits"):
+        Int8DotLinear.concat([parts[0], Int8DotLinear.quantize(torch.randn(4, 576))])
+
+
+def test_many_rows_take_the_dense_path_on_the_same_weights():
+    q, scale, offset, W = random_int4(96, 576)
+    layer = Int8DotLinear.from_int4(q, scale, offset)
+    x = activations(200, 576)  # >= DENSE_FROM_ROWS
+    reference = x.double() @ W.t()
+    # bfloat16 dense matmuls on AVX-512 BF16 CPUs (x and W rounded to 8 bits), float32 elsewhere
+    torch.testing.assert_close(layer(x).double(), reference, rtol=2e-2, atol=2e-2 * reference.abs().max().item())
+
+
+def test_bad_shapes_are_refused_with_a_message():
+    with pytest.raises(ValueError, match="in_features % 64"):
+        Int8DotLinear(torch.zeros(4, 48, dtype=torch.uint8), torch.zeros(4, 6, dtype=torch.float16), 4)
+    layer = Int8DotLinear.from_int4(*random_int4(16, 64)[:3])
+    with pytest.raises(RuntimeError, match="weights"):
+        cpu_decode.matmul(torch.randn(1, 128), layer.weights, layer.scales, 4)
+
+
+@pytest.mark.parametrize("B,H,H_kv,S,D", [(1, 9, 3, 100, 64), (2, 9, 3, 37, 64), (1, 4, 1, 600, 256), (3, 8, 8, 5, 32)])
+def test_decode_attention_is_pytorchs_attention(B, H, H_kv, S, D):
+    g = torch.Generator().manual_seed(B * S)
+    cache_k, cache_v = torch.randn(2, B, H_kv, S + 17, D, generator=g)  # a longer cache: k, v are views of it
+    k, v = cache_k[:, :, :S], cache_v[:, :, :S]
+    q = torch.randn(B, H, 1, D, generator=g)
+    mask = torch.rand(B, 1, 1, S, generator=g) > 0.3
+    mask[..., -1] = True  # a step always sees its own position
+    for m in (None, mask):
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=D**-0.5, enable_gqa=True)
+        assert cpu_decode.attention_applies(q, k, v, m)
+        torch.testing.assert_close(cpu_decode.decode_attention(q, k, v, m, D**-0.5), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_ignores_what_masked_slots_hold():
+    """A static cache's unused slots hold anything (here NaN): masked, they must not leak in."""
+    q, k, v = torch.randn(1, 2, 1, 32), torch.randn(1, 1, 8, 32), torch.randn(1, 1, 8, 32)
+    mask = torch.tensor([True] * 5 + [False] * 3).view(1, 1, 1, 8)
+    expected = F.scaled_dot_product_attention(q, k[:, :, :5], v[:, :, :5], scale=0.2, enable_gqa=True)
+    k[:, :, 5:], v[:, :, 5:] = float("nan"), float("nan")
+    torch.testing.assert_close(cpu_decode.decode_attention(q, k, v, mask, 0.2), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_outside_its_cases_is_left_to_pytorch():
+    q, k = torch.randn(1, 4, 2, 64), torch.randn(1, 4, 9, 64)  # two queries: a prefill
+    assert not cpu_decode.attention_applies(q, k, k, None)
+    assert not cpu_decode.attention_applies(q[:, :, :1].double(), k.double(), k.double(), None)
+    assert not cpu_decode.attention_applies(q[:, :, :1, :24], k[..., :24], k[..., :24], None)  # head size not a multiple of 16
+    assert not cpu_decode.attention_applies(q[:, :, :1], k, k.transpose(-1, -2).contiguous().transpose(-1, -2), None)
+    one = torch.randn(1, 1, 4, 64).transpose(1, 2)  # one position, odd strides: still fine
+    assert cpu_decode.attention_applies(q[:, :, :1], one, one, None)
+
+
+def test_the_kernels_can_be_turned_off():
+    """LUCIDLM_CPU_KERNELS=0: available() is False in a fresh process (the loader then builds Int4Linear)."""
+    code = "from lucidlm.kernels import cpu_decode; print(cpu_decode.available())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "LUCIDLM_CPU_KERNELS": "0"}, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# ----- packed models built on these kernels, against transformers and the float32 model -----
+
+@pytest.mark.parametrize("encoding,tie", [("Q4_0", True), ("Q4_1", True), ("Q4_1", False)],
+                         ids=["q4_0-tied", "q4_1-tied", "q4_1-untied-294-rows"])
+def test_tiny_packed_model_matches_transformers(tmp_path, encoding, tie):
+    """Every matrix 4-bit (q/k rows permuted as llama.cpp writes them, undone by the loader); the
+    untied output matrix has 294 rows (no multiple of 16: PyTorch's int4 kernel could not take it)."""
+    from gguf import GGMLQuantizationType
+    from test_loading_gguf import VOCAB_SIZE, hf_llama_and_gguf_tensors, tiny_metadata, write_gguf
+    from test_packed import _kl_and_agreement
+
+    import lucidlm
+
+    hf_model, tensors = hf_llama_and_gguf_tensors(tie=tie, encoding=getattr(GGMLQuantizationType, encoding))
+    model = lucidlm.load(str(write_gguf(tmp_path / "tiny.gguf", tiny_metadata(), tensors)), progress=False)
+    layers = [model.model.layers[0].self_attn.qkv_proj, model.model.layers[1].mlp.down_proj]
+    assert all(isinstance(m, Int8DotLinear) and m.bits == 4 for m in layers)
+    if not tie:
+        assert isinstance(model.model.lm_head, Int8DotLinear) and model.model.lm_head.out_features == 294
+    ids = torch.from_numpy(np.random.default_rng(1).integers(0, VOCAB_SIZE, size=(48,)))
+    with torch.inference_mode():
+        expected = hf_model(ids[None]).logits[0].float()
+        cache = model.model.new_cache(1, 48)
+        stepped = torch.cat([model.model(ids[None, t:t + 1], cache)[0] for t in range(48)])  # decode steps: the kernels
+    # The kernels' only rounding is x's two-term int8 (~1e-5 of each group's max): float32 parity.
+    torch.testing.assert_close(stepped, expected, rtol=0, atol=2e-3 * expected.abs().max().item())
+    kl, top1 = _kl_and_agreement(expected, model.logits(ids.tolist()))  # one pass: the dense path
+    assert kl.mean() < 1e-3 and top1 >= 0.9, (float(kl.mean()), top1)
+
+
+@pytest.fixture(scope="module")
+def smollm_packed(smollm_path):
+    import lucidlm
+
+    return lucidlm.load(str(smollm_path), progress=False, dtype="packed")
+
+
+@pytest.mark.slow
+def test_smollm_packed_modules_are_ours(smollm_packed):
+    from lucidlm.models.packed import Q8Embedding
+
+    model = smollm_packed.model
+    stacked = [m for m in model.modules() if isinstance(m, Int8DotLinear) and m.bits == 4]
+    assert len(stacked) == 4 * model.config.n_layers  # q/k/v stacked, o, gate/up stacked, down
+    assert isinstance(model.embed_tokens, Q8Embedding)
+    head = model.lm_head
+    assert isinstance(head, Int8DotLinear) and head.bits == 8
+    assert torch.equal(head.weight_rows(100, 164), model.embed_tokens(torch.arange(100, 164)))  # the Q8_0 table, exactly
+
+
+def _decode_logits(model, ids):
+    with torch.inference_mode():
+        cache = model.new_cache(1, len(ids))
+        return torch.cat([model(torch.tensor([[t]]), cache)[0] for t in ids])
+
+
+@pytest.mark.slow
+def test_smollm_packed_decode_is_the_float32_model(lucid_smollm, smollm_packed):
+    """Decode steps through the kernels against the float32 model (every weight dequantized, which
+    matches transformers: test_models_llama.py): the 4-bit values, their float16 scales and the Q8_0
+    head are exact, so only x's rounding remains. Observed mean KL ~5e-8 (llama.cpp on the same
+    file: 3e-3, bench/RESULTS.md)."""
+    from prompts import PASSAGE
+    from test_packed import _kl_and_agreement
+
+    ids = lucid_smollm.tokenizer.encode(PASSAGE)[:160]
+    kl, top1 = _kl_and_agreement(lucid_smollm.logits(ids), _decode_logits(smollm_packed.model, ids))
+    assert kl.mean() < 1e-5 and top1 == 1.0, (float(kl.mean()), top1)
+
+
+@pytest.mark.slow
+def test_smollm_packed_decode_logits_are_not_rounded_to_bfloat16(smollm_packed, lucid_smollm):
+    """PyTorch's weight-only kernels return bfloat16 (test_packed.py's xfail); ours return float32."""
+    ids = lucid_smollm.tokenizer.encode("The capital of France is")
+    last = _decode_logits(smollm_packed.model, ids)[-1]
+    assert not torch.equal(last, last.bfloat16().float())
+
+
+@pytest.mark.slow
+def test_gemma_packed_decode_is_close_to_the_float32_model(gemma_path):
+    """Gemma 3's Q5_0/Q6_K/Q8_0 block matrices are re-rounded to int8 (a scale per 32): observed mean
+    KL ~4.5e-4 from the float32 model (llama.cpp on the same file: 5e-3, bench/RESULTS.md)."""
+    import lucidlm
+    from prompts import PASSAGE
+    from test_packed import _kl_and_agreement
+
+    exact = lucidlm.load(str(gemma_path), progress=False, dtype="float32")
+    packed = lucidlm.load(str(gemma_path), progress=False)
+    assert any(isinstance(m, Int8DotLinear) and m.bits == 8 for m in packed.model.modules())
+    ids = exact.tokenizer.encode(PASSAGE)[:120]
+    kl, top1 = _kl_and_agreement(exact.logits(ids), _decode_logits(packed.model, ids))
+    assert kl.mean() < 2e-3 and top1 >= 0.95, (float(kl.mean()), top1)
