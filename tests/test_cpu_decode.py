@@ -82,6 +82,18 @@ def test_weights_decode_to_the_values_given():
     assert torch.equal(layer.weight_rows(7, 19).double(), W[7:19])
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dequantize_into_bfloat16_is_the_float32_value_rounded_once(bits):
+    """The dense path's decoding: bfloat16 rows equal the float32 ones rounded by PyTorch (to nearest even)."""
+    layer = Int8DotLinear.from_int4(*random_int4(70, 192)[:3]) if bits == 4 else Int8DotLinear.quantize(torch.randn(70, 192))
+    exact = torch.empty(70, 192)
+    cpu_decode.dequantize(layer.weights, layer.scales, bits, exact)
+    assert torch.equal(exact, layer.weight)
+    rounded = torch.empty(20, 192, dtype=torch.bfloat16)
+    cpu_decode.dequantize(layer.weights[30:50], layer.scales[30:50], bits, rounded)
+    assert torch.equal(rounded, exact[30:50].bfloat16())
+
+
 def q8_0_blocks(N: int, K: int, seed: int = 2):
     """A Q8_0 matrix's bytes (a float16 scale, then 32 int8 values, per block) and its values."""
     g = torch.Generator().manual_seed(seed)

@@ -151,6 +151,47 @@ at::Tensor int8_dot_matmul(const at::Tensor& x, const at::Tensor& weights, const
   return y;
 }
 
+// The float values of rows of a weight in this layout, for the dense (prefill) path: out (rows, K)
+// float32 or bfloat16, scale * q + offset computed in float32 (exact: q has 8 bits, the scale and
+// offset 11) and, for bfloat16, rounded once to nearest even. weights, scales: the rows wanted.
+void dequantize(const at::Tensor& weights, const at::Tensor& scales, int64_t bits, at::Tensor& out) {
+  const int64_t rows = weights.size(0), K = out.size(1), chunks = K / CHUNK;
+  TORCH_CHECK(bits == 4 || bits == 8, "bits: 4 or 8");
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == rows && out.is_contiguous() && K % CHUNK == 0 &&
+              (out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16), "out: (rows, K) float32 or bfloat16");
+  TORCH_CHECK(weights.is_contiguous() && weights.size(1) == K * bits / 8 && scales.is_contiguous() &&
+              scales.numel() == rows * chunks * 4 && scales.scalar_type() == at::kHalf, "weights, scales: the layout's");
+  const uint8_t* w = weights.data_ptr<uint8_t>();
+  const uint16_t* h = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  const bool to_bf16 = out.scalar_type() == at::kBFloat16;
+  char* o = static_cast<char*>(out.data_ptr());
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+      for (int64_t c = 0; c < chunks; c++) {
+        const uint8_t* src = w + r * K * bits / 8 + c * CHUNK * bits / 8;
+        const __m512i q = bits == 4 ? load_chunk<4>(src) : load_chunk<8>(src);
+        const uint16_t* hc = h + (r * chunks + c) * 4;
+        const __m128i parts[4] = {_mm512_extracti32x4_epi32(q, 0), _mm512_extracti32x4_epi32(q, 1),
+                                  _mm512_extracti32x4_epi32(q, 2), _mm512_extracti32x4_epi32(q, 3)};
+        for (int part = 0; part < 4; part++) {  // 16 values each; parts 0, 1: group A, 2, 3: group B
+          const __m512 values = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(parts[part])),
+                                                _mm512_set1_ps(_cvtsh_ss(hc[part / 2])),
+                                                _mm512_set1_ps(_cvtsh_ss(hc[2 + part / 2])));
+          const int64_t at = r * K + c * CHUNK + part * 16;
+          if (to_bf16) {  // round to nearest even: add 0x7FFF plus the lowest kept bit, keep the top 16 bits
+            __m512i bits32 = _mm512_castps_si512(values);
+            __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits32, 16), _mm512_set1_epi32(1));
+            bits32 = _mm512_srli_epi32(_mm512_add_epi32(bits32, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+            _mm256_storeu_si256((__m256i*)(o + 2 * at), _mm512_cvtepi32_epi16(bits32));
+          } else {
+            _mm512_storeu_ps((float*)(o + 4 * at), values);
+          }
+        }
+      }
+    }
+  });
+}
+
 // Attention of one query per sequence (a decode step), in float32: softmax(q k^T * scale + mask) v
 // for q (B, H, 1, D) over the cache's k, v (B, H_kv, S, D; rows of D contiguous, as views of a
 // longer cache are), query head h reading key/value head h / (H / H_kv). mask: (B, 1, 1, S)
@@ -228,9 +269,11 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
 TORCH_LIBRARY(lucidlm_kernels, m) {
   m.def("int8_dot_matmul(Tensor x, Tensor weights, Tensor scales, int bits) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
+  m.def("dequantize(Tensor weights, Tensor scales, int bits, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(lucidlm_kernels, CPU, m) {
   m.impl("int8_dot_matmul", &int8_dot_matmul);
   m.impl("decode_attention", &decode_attention);
+  m.impl("dequantize", &dequantize);
 }

@@ -122,21 +122,10 @@ class Int8DotLinear(nn.Module):
         return self._rows_into(start, stop, torch.empty(stop - start, self.in_features))
 
     def _rows_into(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
-        """Rows [start, stop) of W decoded into `out` ((rows, K) or rows * K values; float32 or
-        bfloat16): q written first (exact in either), then scale * q + offset computed in float32
-        and rounded once."""
-        rows = stop - start
-        values = out.view(rows, self.in_features // 64, 2, 32)
-        codes = self.weights[start:stop].view(rows, self.in_features // 64, -1)
-        if self.bits == 4:
-            values[:, :, 0] = codes & 0x0F
-            values[:, :, 1] = codes >> 4
-        else:
-            values.view(rows, self.in_features // 64, 64).copy_(codes)
-        scales = self.scales[start:stop].view(rows, -1, 2, 2).float()  # (rows, K/64, scale|offset, A|B)
-        groups = values.view(rows, self.in_features // GROUP, GROUP)
-        scale, offset = scales[:, :, 0].reshape(rows, -1, 1), scales[:, :, 1].reshape(rows, -1, 1)
-        return torch.addcmul(offset, groups, scale, out=groups).view(rows, self.in_features)
+        """Rows [start, stop) of W decoded into `out` ((rows, K) or rows * K values, contiguous;
+        float32 or bfloat16): scale * q + offset computed in float32, rounded once (C++ kernel)."""
+        rows = out.view(stop - start, self.in_features)
+        return cpu_decode.dequantize(self.weights[start:stop], self.scales[start:stop], self.bits, rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
