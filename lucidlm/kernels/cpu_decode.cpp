@@ -13,9 +13,10 @@
 //                       = d_g e_g sum_k q_k p_k  +  m_g e_g sum_k p_k
 //
 // q (0..15 or 0..255) and p (-127..127) are integers: the first sum is vpdpbusd's, the second
-// depends on x alone and is computed once per call. Weights come in chunks of 64 values (two
-// groups, A and B): 32 bytes (4-bit: byte b holds value b in its low nibble and value 32 + b in
-// its high one) or 64 bytes (8-bit: q + 128), and four float16 numbers (dA, dB, mA, mB).
+// depends on x alone and is computed once per call (x ~ e p is two int8 terms in fact: see
+// quantize_rows). Weights come in chunks of 64 values (two groups, A and B): 32 bytes (4-bit: byte
+// b holds value b in its low nibble and value 32 + b in its high one) and four float16 numbers
+// (dA, dB, mA, mB), or 64 bytes (8-bit: q + 128) and two (dA, dB): their offset is always -128 d.
 // After vpdpbusd, lanes 0-7 hold group A's partial sums and lanes 8-15 group B's.
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
@@ -31,6 +32,9 @@
 namespace {
 
 constexpr int64_t CHUNK = 64;  // values per chunk: two groups of 32
+
+// float16 numbers per chunk: scales and offsets (4-bit), scales only (8-bit: offsets -128 scale)
+constexpr int64_t scales_per_chunk(int64_t bits) { return bits == 4 ? 4 : 2; }
 
 // x (M, K) float32 -> two int8 terms per value, x ~ e (256 p1 + p2), e a scale per group of 32:
 // p1 rounds x to steps of 256 e = max|x|/127, p2 rounds what p1 left over (at most half a step:
@@ -92,7 +96,7 @@ inline __m512 pair(const float* f) {
   return _mm512_castpd_ps(_mm512_set1_pd(bits));
 }
 
-// y[m, n] for rows n in [n0, n1): weights (N, K * BITS/8) bytes, scales (N, K/64, 4) float16.
+// y[m, n] for rows n in [n0, n1): weights (N, K * BITS/8) bytes, scales (N, K/64, 4 or 2) float16.
 template <int BITS>
 void rows_dot(const uint8_t* weights, const uint16_t* scales, const int8_t* p, const float* e, const float* s,
               int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1, float* y) {
@@ -101,7 +105,8 @@ void rows_dot(const uint8_t* weights, const uint16_t* scales, const int8_t* p, c
   const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
   for (int64_t n = n0; n < n1; n++) {
     const uint8_t* w = weights + n * row_bytes;
-    const uint16_t* h = scales + n * chunks * 4;
+    constexpr int64_t SC = scales_per_chunk(BITS);
+    const uint16_t* h = scales + n * chunks * SC;
     for (int64_t m = 0; m < M; m++) {
       const int8_t* p1 = p + m * K;
       const int8_t* p2 = p + (M + m) * K;
@@ -112,10 +117,12 @@ void rows_dot(const uint8_t* weights, const uint16_t* scales, const int8_t* p, c
         const __m512i q = load_chunk<BITS>(w + c * chunk_bytes);
         __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, _mm512_loadu_si512(p1 + c * CHUNK));
         dot = _mm512_dpbusd_epi32(_mm512_slli_epi32(dot, 8), q, _mm512_loadu_si512(p2 + c * CHUNK));
-        __m512 scale = _mm512_permutexvar_ps(spread, _mm512_mul_ps(pair(h + c * 4), pair(em + c * 2)));
+        __m512 scale = _mm512_permutexvar_ps(spread, _mm512_mul_ps(pair(h + c * SC), pair(em + c * 2)));
         acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc);
-        offsets = _mm512_fmadd_ps(pair(h + c * 4 + 2), pair(sm + c * 2), offsets);
+        // the offsets' term: m (4-bit), or d, times -128 once at the end (8-bit)
+        offsets = _mm512_fmadd_ps(pair(h + c * SC + (BITS == 4 ? 2 : 0)), pair(sm + c * 2), offsets);
       }
+      if constexpr (BITS == 8) offsets = _mm512_mul_ps(offsets, _mm512_set1_ps(-128.f));
       y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc, offsets));
     }
   }
@@ -129,8 +136,8 @@ at::Tensor int8_dot_matmul(const at::Tensor& x, const at::Tensor& weights, const
   TORCH_CHECK(K % CHUNK == 0, "K must be a multiple of 64");
   TORCH_CHECK(weights.scalar_type() == at::kByte && weights.is_contiguous() && weights.dim() == 2 &&
               weights.size(1) == K * bits / 8, "weights: (N, K * bits/8) uint8");
-  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.numel() == N * K / CHUNK * 4,
-              "scales: (N, K/64, 4) float16");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() &&
+              scales.numel() == N * K / CHUNK * scales_per_chunk(bits), "scales: (N, K/64, 4 or 2) float16");
   at::Tensor p = at::empty({2, M, K}, x.options().dtype(at::kChar));
   at::Tensor e = at::empty({M, K / 32}, x.options());
   at::Tensor s = at::empty({M, K / 32}, x.options());
@@ -160,7 +167,8 @@ void dequantize(const at::Tensor& weights, const at::Tensor& scales, int64_t bit
   TORCH_CHECK(out.dim() == 2 && out.size(0) == rows && out.is_contiguous() && K % CHUNK == 0 &&
               (out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16), "out: (rows, K) float32 or bfloat16");
   TORCH_CHECK(weights.is_contiguous() && weights.size(1) == K * bits / 8 && scales.is_contiguous() &&
-              scales.numel() == rows * chunks * 4 && scales.scalar_type() == at::kHalf, "weights, scales: the layout's");
+              scales.numel() == rows * chunks * scales_per_chunk(bits) && scales.scalar_type() == at::kHalf,
+              "weights, scales: the layout's");
   const uint8_t* w = weights.data_ptr<uint8_t>();
   const uint16_t* h = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
   const bool to_bf16 = out.scalar_type() == at::kBFloat16;
@@ -170,13 +178,15 @@ void dequantize(const at::Tensor& weights, const at::Tensor& scales, int64_t bit
       for (int64_t c = 0; c < chunks; c++) {
         const uint8_t* src = w + r * K * bits / 8 + c * CHUNK * bits / 8;
         const __m512i q = bits == 4 ? load_chunk<4>(src) : load_chunk<8>(src);
-        const uint16_t* hc = h + (r * chunks + c) * 4;
+        const int64_t sc = scales_per_chunk(bits);
+        const uint16_t* hc = h + (r * chunks + c) * sc;
         const __m128i parts[4] = {_mm512_extracti32x4_epi32(q, 0), _mm512_extracti32x4_epi32(q, 1),
                                   _mm512_extracti32x4_epi32(q, 2), _mm512_extracti32x4_epi32(q, 3)};
         for (int part = 0; part < 4; part++) {  // 16 values each; parts 0, 1: group A, 2, 3: group B
           const __m512 values = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(parts[part])),
                                                 _mm512_set1_ps(_cvtsh_ss(hc[part / 2])),
-                                                _mm512_set1_ps(_cvtsh_ss(hc[2 + part / 2])));
+                                                _mm512_set1_ps(bits == 4 ? _cvtsh_ss(hc[2 + part / 2])
+                                                                         : -128.f * _cvtsh_ss(hc[part / 2])));
           const int64_t at = r * K + c * CHUNK + part * 16;
           if (to_bf16) {  // round to nearest even: add 0x7FFF plus the lowest kept bit, keep the top 16 bits
             __m512i bits32 = _mm512_castps_si512(values);

@@ -18,7 +18,8 @@ effect on the next-token distribution against llama.cpp's (which rounds the same
 Layout (`Int8DotLinear` builds it): the weight W (N, K) in chunks of 64 values (two groups of
 32: A, B), each chunk's values q stored as unsigned bytes (4-bit: 32 bytes, byte b holding
 value b in its low nibble and value 32 + b in its high one; 8-bit: 64 bytes, q + 128) and
-four float16 numbers per chunk (scale and offset of A and B: W = scale * q + offset). The C++
+float16 scales and offsets per chunk (W = scale * q + offset: 4-bit, scale and offset of A and
+B; 8-bit, the scales of A and B, the offsets being -128 * scale). The C++
 source (cpu_decode.cpp) has the arithmetic.
 
 2. `decode_attention`: the attention of one query per sequence over the cache, float32 (its
@@ -87,7 +88,8 @@ _BUILT = False  # set by the first successful available(): the packed loader ask
 
 def matmul(x: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
     """x (M, K) times Wᵀ -> (M, N) float32, W in the layout above (weights (N, K*bits/8) uint8,
-    scales (N, K/64*4) float16). x is rounded to int8 inside, a scale per 32 values."""
+    scales (N, K/64*4) or, 8-bit, (N, K/64*2) float16). x is rounded to two int8 terms inside, a
+    scale per 32 values (cpu_decode.cpp's quantize_rows)."""
     return torch.ops.lucidlm_kernels.int8_dot_matmul(x.float().contiguous(), weights, scales, bits)
 
 

@@ -33,8 +33,9 @@ GROUP = 32  # values sharing a scale and an offset (the ggml block size)
 
 class Int8DotLinear(nn.Module):
     """y = x Wᵀ (+ b), W stored as `bits`-bit unsigned values with a float16 scale and offset per 32
-    (module docstring). `weights`: (N, K * bits/8) uint8 in the kernel's layout; `scales`: (N, K/64 * 4)
-    float16, per chunk of 64 values (scale A, scale B, offset A, offset B)."""
+    (module docstring). `weights`: (N, K * bits/8) uint8 in the kernel's layout; `scales`: float16 per
+    chunk of 64 values: 4-bit (N, K/64 * 4) (scale A, scale B, offset A, offset B), 8-bit (N, K/64 * 2)
+    (scale A, scale B: the offsets are -128 * scale)."""
 
     def __init__(self, weights: torch.Tensor, scales: torch.Tensor, bits: int, bias: torch.Tensor | None = None):
         super().__init__()
@@ -76,7 +77,7 @@ class Int8DotLinear(nn.Module):
             rows = blocks[start:start + step]
             scale[start:start + step] = rows[..., :2].contiguous().view(torch.float16).squeeze(-1)  # little-endian
             weights[start:start + step] = (rows[..., 2:].view(torch.int8).to(torch.int16) + 128).view(-1, K)
-        return cls(weights, _chunk_scales(scale, -128 * scale), 8)  # -128 * a float16: exact
+        return cls(weights, _chunk_scales(scale), 8)
 
     @classmethod
     def quantize(cls, weight: torch.Tensor) -> "Int8DotLinear":
@@ -94,7 +95,7 @@ class Int8DotLinear(nn.Module):
             inverse = torch.where(s > 0, 1 / s.float(), torch.zeros((), dtype=torch.float32))
             weights[rows] = ((w * inverse[..., None]).round_().clamp_(-127, 127) + 128).to(torch.uint8).view(-1, K)
             scale[rows] = s
-        return cls(weights, _chunk_scales(scale, -128 * scale), 8)
+        return cls(weights, _chunk_scales(scale), 8)
 
     @classmethod
     def concat(cls, parts: list["Int8DotLinear"]) -> "Int8DotLinear":
@@ -139,9 +140,12 @@ class Int8DotLinear(nn.Module):
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
 
 
-def _chunk_scales(scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """Per-group scale and offset (N, K/32) -> the layout's (N, K/64 * 4) float16: per chunk of
-    two groups A, B: scale A, scale B, offset A, offset B."""
+def _chunk_scales(scale: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-group scale and offset (N, K/32) -> the layout's float16 numbers: per chunk of two groups
+    A, B: scale A, scale B, offset A, offset B ((N, K/64 * 4)); without offsets (8-bit values, whose
+    offset is always -128 * scale) scale A, scale B ((N, K/64 * 2))."""
+    if offset is None:
+        return scale.to(torch.float16).contiguous()
     N, groups = scale.shape
     pairs = torch.stack([scale.reshape(N, groups // 2, 2), offset.reshape(N, groups // 2, 2)], dim=2)
     return pairs.to(torch.float16).reshape(N, groups * 2)
