@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from lucidlm.kernels import cpu_decode
 from lucidlm.models import packed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -83,19 +84,23 @@ def main() -> None:
             print("llama-cpp-python is not installed: run `make bench-peers` (or use .venv-peers)", file=sys.stderr)
         for label, run in candidates.items():
             kl, agree = kl_and_agreement(reference, run())
-            rows.append(f"| {model} | {label} | {kl:.5f} | {agree:.1%} |")
+            rows.append(f"| {model} | {label} | {kl:.5f} | {agree:.1%} |" if kl >= 1e-4 else
+                        f"| {model} | {label} | {kl:.1e} | {agree:.1%} |")
             print(rows[-1], flush=True)
     command = "python bench/quality.py " + " ".join(sys.argv[1:])
     body = (f"Command: `{command}`; {args.tokens}-token text (docs/walkthrough.md).\n\n" + "\n".join(rows) +
             "\n\nThe issue's bar: a faster numeric path may lose no more than llama.cpp does on the same file. "
-            "What `packed` loses comes from the bfloat16 rounding of the int4 scales, from the int8 "
-            "re-quantization of the LM head (and of Gemma's Q5_0/Q6_K/Q8_0 matrices) and, in decode steps "
-            "(the kernels, the compiled rows), from the bfloat16 rounding of matmul inputs and outputs; the "
-            "default row runs the text in one pass, whose many-row matmuls compute on the same weights in "
-            "float32, or, on CPUs with AVX-512 BF16, with x and the decoded weights rounded to bfloat16 "
-            "and the attention computed in bfloat16 blocks (models/chunked_attention.py) "
-            f"(this run: {'bfloat16' if packed.DENSE_DTYPE == torch.bfloat16 else 'float32'}). "
-            "The 4-bit values themselves are exact.")
+            "Where the CPU has AVX-512 VNNI (this run: " + ("yes" if cpu_decode.available() else "no") + "), packed "
+            "models keep the 4-bit values and their float16 scales exactly and the tied Q8_0 head exactly "
+            "(models/dot_linear.py); Gemma's Q5_0/Q6_K/Q8_0 block matrices are re-rounded to int8 with a "
+            "scale per 32 values. Decode steps (the compiled rows) multiply with our integer-dot kernel, which "
+            "rounds x to two int8 terms (kernels/cpu_decode.cpp: ~1e-5 of each group's maximum), so they are "
+            "the float32 model to within that; the default row runs the text in one pass, whose many-row "
+            "matmuls use the same weights decoded to bfloat16 with x rounded to bfloat16 on CPUs with "
+            "AVX-512 BF16 (this run: " + ("bfloat16" if packed.DENSE_DTYPE == torch.bfloat16 else "float32") +
+            "), and the prompt's attention in bfloat16 blocks (models/chunked_attention.py). Elsewhere "
+            "(PyTorch's weight-only kernels) the scales are bfloat16, the head int8 per row and decode "
+            "steps round matmul inputs and outputs to bfloat16 (earlier runs in bench/RESULTS.md's history).")
     print(body)
     if args.write:
         write_section(args.write, "Quality of the fast paths (bench/quality.py)", body)

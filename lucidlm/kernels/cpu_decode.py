@@ -4,16 +4,16 @@
 
 Why: a batch-1 decode step multiplies one row by every weight matrix, and PyTorch's weight-only
 CPU kernels (and Inductor's templates for them) turn each 4-bit weight into a float before a
-float multiply-add: several instructions per weight, so on 2 cores they run well below memory
-bandwidth (SmolLM2's 3072 x 576 gate/up: ~27 µs, ~37 GB/s). AVX-512 VNNI multiplies 64 bytes by
-64 bytes into 16 int32 sums in one instruction (`vpdpbusd`). So, as llama.cpp does, we round
-the activations to int8 as well, with one scale per group of 32 values (the weights' own
-grouping), and multiply integers: the same product in ~20 µs there, ~67-74 GB/s on large
-matrices (`bench/kernels.py`, bench/RESULTS.md).
-
-The cost is the activations' rounding: each value to within half a step of max|group|/127
-(relative error of a layer's output ~0.5 % on random data); `bench/quality.py` measures its
-effect on the next-token distribution against llama.cpp's (which rounds the same way).
+float multiply-add: several instructions per weight, so on 2 cores they fall short of memory
+bandwidth. AVX-512 VNNI multiplies 64 bytes by 64 bytes into 16 int32 sums in one instruction
+(`vpdpbusd`). So, as llama.cpp does, we round the activations to integers as well, with one
+scale per group of 32 values (the weights' own grouping), and multiply integers. Unlike
+llama.cpp we round x to two int8 terms (x ~ e (256 p1 + p2)): one more instruction per 64
+weights, which a kernel bound by reading its weights from memory has time for, and x's rounding
+error drops from ~1/254 of each group's maximum to ~1/65000: decode steps compute what the
+float32 model computes (next-token KL ~1e-7 on SmolLM2, where llama.cpp's one-term rounding
+costs 3e-3: bench/RESULTS.md). `bench/decode_kernels.py` times it against PyTorch's kernel on a
+whole model's worth of matrices streamed from memory, as a decode step reads them.
 
 Layout (`Int8DotLinear` builds it): the weight W (N, K) in chunks of 64 values (two groups of
 32: A, B), each chunk's values q stored as unsigned bytes (4-bit: 32 bytes, byte b holding
@@ -25,7 +25,9 @@ source (cpu_decode.cpp) has the arithmetic.
 2. `decode_attention`: the attention of one query per sequence over the cache, float32 (its
 docstring says why).
 
-The kernel is compiled on first use with the C++ compiler PyTorch's extensions use (~5 s;
+3. `dequantize`: rows of such a weight as float32 or bfloat16, for the dense (prefill) path.
+
+The kernels are compiled on first use with the C++ compiler PyTorch's extensions use (~5 s;
 cached in torch's extension directory, `TORCH_EXTENSIONS_DIR`) and only on x86 CPUs with
 AVX-512 VNNI; elsewhere, or if the build fails (the warning says why), `available()` is False
 and packed models keep PyTorch's weight-only kernels (and attention). LUCIDLM_CPU_KERNELS=0 turns
