@@ -65,8 +65,8 @@ from .models.fusion import fuse_projections
 # Its template wins for batch-1 decode: SmolLM2 on a 2-core AVX-512 CPU 173 -> 211 tok/s
 # (bench/RESULTS.md). `cpp_wrapper`: the wrapper that calls the step's ~300 kernels runs as C++;
 # with our own operators (each a call through PyTorch's dispatcher from a Python wrapper) that
-# made SmolLM2's compiled decode 216 -> 235 tok/s (session 12), for a longer first compilation. The price: a longer first compilation (~1 min more; cached on disk like
-# the rest), and the graph may hold copies of weights that it derived at compile time, so
+# made SmolLM2's compiled decode 216 -> 235 tok/s (session 12). The price of all three: a longer
+# first compilation (~1 min more; cached on disk like the rest), and the graph may hold copies of weights that it derived at compile time, so
 # weights edited after compiling are not guaranteed to be seen (listeners and hooks, LucidLM's
 # way of editing activations, send steps through the eager forward anyway). Each model gets
 # graphs of its own (`_own_frame`; tests/test_compile.py interleaves two models of one shape).

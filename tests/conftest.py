@@ -85,5 +85,4 @@ def pytorch_weight_only_kernels():
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(cpu_decode, "available", lambda: False)
-        patch.setattr(cpu_decode, "_BUILT", False)
         yield

@@ -227,7 +227,7 @@ def smollm_packed(smollm_path):
 
 
 @pytest.mark.slow
-def test_smollm_packed_modules_are_ours(smollm_packed):
+def test_smollm_packed_modules_are_ours(smollm_packed, lucid_smollm):
     from lucidlm.models.packed import Q8Embedding
 
     model = smollm_packed.model
@@ -237,6 +237,9 @@ def test_smollm_packed_modules_are_ours(smollm_packed):
     head = model.lm_head
     assert isinstance(head, Int8DotLinear) and head.bits == 8
     assert torch.equal(head.weight_rows(100, 164), model.embed_tokens(torch.arange(100, 164)))  # the Q8_0 table, exactly
+    # decode steps' attention: our kernel in the packed model only, never in the float32 reference
+    assert {layer.self_attn.decode_kernel for layer in model.layers} == {True}
+    assert {layer.self_attn.decode_kernel for layer in lucid_smollm.model.layers} == {False}
 
 
 def _decode_logits(model, ids):

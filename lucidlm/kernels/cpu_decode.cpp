@@ -1,6 +1,7 @@
-// Two kernels for a decode step on a CPU (lucidlm/kernels/cpu_decode.py says why and when):
+// Kernels for a decode step on a CPU (lucidlm/kernels/cpu_decode.py says why and when):
 //   int8_dot_matmul    matrix-vector products with integer dot products: 4- or 8-bit weights
 //                      times activations quantized to int8 on the fly;
+//   dequantize         the same weights as float32 or bfloat16 rows, for the dense prefill path;
 //   decode_attention   the attention of one query over the KV cache.
 //
 // A decode step multiplies one row x (1 x K) by each weight matrix W (N x K). Decoding every
@@ -219,13 +220,11 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
   at::Tensor out = at::empty({B, H, 1, D}, q.options());
   const bool* allowed = nullptr;
   int64_t mask_b = 0, mask_s = 0;
-  at::Tensor mask_bool;
   if (mask.has_value() && mask->defined()) {
-    mask_bool = mask->scalar_type() == at::kBool ? *mask : mask->to(at::kBool);
-    TORCH_CHECK(mask_bool.dim() == 4 && mask_bool.size(-1) == S, "mask: (B, 1, 1, S) bool");
-    allowed = mask_bool.data_ptr<bool>();
-    mask_b = mask_bool.size(0) == 1 ? 0 : mask_bool.stride(0);
-    mask_s = mask_bool.stride(3);
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 4 && mask->size(-1) == S, "mask: (B, 1, 1, S) bool");
+    allowed = mask->data_ptr<bool>();
+    mask_b = mask->size(0) == 1 ? 0 : mask->stride(0);
+    mask_s = mask->stride(3);
   }
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();

@@ -80,12 +80,7 @@ def available() -> bool:
     # the outputs' shapes, for torch.compile's tracing (the operators are C++)
     torch.library.register_fake("lucidlm_kernels::int8_dot_matmul", _fake)
     torch.library.register_fake("lucidlm_kernels::decode_attention", _fake_attention)
-    global _BUILT
-    _BUILT = True
     return True
-
-
-_BUILT = False  # set by the first successful available(): the packed loader asks, float32 models never do
 
 
 def matmul(x: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
@@ -97,9 +92,9 @@ def matmul(x: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor, bits: i
 
 def attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """Whether `decode_attention` takes this: one float32 query per sequence on a CPU, head size a
-    multiple of 16, cache rows contiguous, a bool mask or none, and the kernels built (they are
-    for packed models: the loader builds them; float32 and bfloat16 models keep PyTorch's kernel)."""
-    return (_BUILT and q.shape[2] == 1 and q.device.type == "cpu" and q.dtype == k.dtype == torch.float32
+    multiple of 16, cache rows contiguous, a bool mask or none. (Which models use it at all is
+    theirs to say: `decode_kernel`, set by the packed loader where `available()`.)"""
+    return (q.shape[2] == 1 and q.device.type == "cpu" and q.dtype == k.dtype == torch.float32
             and q.shape[-1] % 16 == 0 and v.dtype == torch.float32 and _rows_contiguous(k) and _rows_contiguous(v)
             and (mask is None or mask.dtype == torch.bool))
 

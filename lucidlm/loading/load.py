@@ -206,10 +206,11 @@ def load_gguf(path: str | Path, dtype: str = "float32", progress: bool = True) -
             if n % 16 == 15:
                 release_freed_memory()  # the packing's temporaries (4 bytes a weight) would pile up otherwise
         use_int8_head_where_it_pays(model, release_freed_memory)
-        if DENSE_DTYPE == torch.bfloat16:  # prompts' attention rounded as the dense matmuls are
-            for module in model.modules():
-                if hasattr(module, "prefill_dtype"):
-                    module.prefill_dtype = torch.bfloat16
+        for module in model.modules():
+            if hasattr(module, "prefill_dtype") and DENSE_DTYPE == torch.bfloat16:
+                module.prefill_dtype = torch.bfloat16  # prompts' attention rounded as the dense matmuls are
+            if hasattr(module, "decode_kernel"):
+                module.decode_kernel = dot  # decode steps' attention: our kernel, built above
     model.compute_dtype = matrix_dtype
     model.eval()
     gguf.close()  # every tensor has been copied out; drop the mapped pages of the file

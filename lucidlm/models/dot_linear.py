@@ -7,14 +7,16 @@ AVX-512 VNNI, packed models keep their 4-bit and 8-bit matrices in this form ins
                    4-bit: the file's Q4_0/Q4_1/Q4_K values, exactly, with their scales as
                    float16 (Q4_0/Q4_1's are float16 in the file; Q4_K's products of a float16
                    and a 6-bit integer are rounded to float16, 2^-11 relative).
-                   8-bit: a Q8_0 matrix exactly (the tied LM head: q + 128, offset -128 * scale, not stored),
+                   8-bit: a Q8_0 matrix exactly (the tied LM head: q + 128, offset
+                   -128 * scale, not stored),
                    or any other matrix (Q5_0, Q6_K ...) rounded to int8 with a scale per 32 values.
 
 Few rows (decode steps, prompt lookup's checks, small batches) go through the kernel, which
 rounds x to two int8 terms (a scale per 32 values: ~1e-5 of each group's maximum) and returns
 float32. Many rows (from `dense_path.DENSE_FROM_ROWS`: a prefill) decode the weight and run a
-dense matmul, as the other packed layers do (in bfloat16 on CPUs with AVX-512 BF16). Like them it looks like nn.Linear from
-outside (`in_features`, `out_features`, `weight`, `bias`, `weight_rows`).
+dense matmul, as the other packed layers do (in bfloat16 on CPUs with AVX-512 BF16). Like them
+it looks like nn.Linear from outside (`in_features`, `out_features`, `weight`, `bias`,
+`weight_rows`).
 
 The bytes of a row are contiguous (the kernel reads whole chunks of 64 values of one row), so
 stacking layers by rows (`concat`, used by `fusion.fuse_projections`) is concatenation.

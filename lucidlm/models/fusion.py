@@ -18,6 +18,8 @@ from torch import nn
 from .dot_linear import Int8DotLinear
 from .packed import PACKED_MODULES, Int4Linear, Int8Linear, Q8Embedding
 
+FUSIBLE_KINDS = (Int4Linear, Int8Linear, Int8DotLinear)  # packed layers with a `concat` (embeddings have none)
+
 
 class RowSlice(nn.Module):
     """Rows [start, stop) of a fused layer, under the name the unfused layer had (`q_proj` is
@@ -89,10 +91,9 @@ def fuse_projections(model: nn.Module, release_memory: Callable[[], None] | None
                 continue  # this class does not compute with a fused layer, or already has one
             parts = [getattr(module, name) for name in part_names]
             kind = type(parts[0])
-            packed_kinds = (Int4Linear, Int8Linear, Int8DotLinear)
-            if kind not in ((*packed_kinds, nn.Linear) if dense else packed_kinds) or any(type(p) is not kind for p in parts) \
+            if kind not in ((*FUSIBLE_KINDS, nn.Linear) if dense else FUSIBLE_KINDS) or any(type(p) is not kind for p in parts) \
                     or len({(p.in_features, getattr(p, "bits", 0)) for p in parts}) != 1:
-                continue  # mixed kinds (a Q4_K q with a Q6_K v, say) or not packed
+                continue  # mixed kinds or widths (a Q4_K q with a Q6_K v, say) or not packed
             fused = _concat_linear(parts) if kind is nn.Linear else kind.concat(parts)
             setattr(module, fused_name, fused)
             start = 0
@@ -145,7 +146,7 @@ def packed_weight_sizes(model: nn.Module) -> dict[str, tuple[int, int]]:
             fused = module.fused
             per_row = _tensor_bytes(fused) // fused.out_features
             sizes[f"{name}.weight"] = (module.out_features * module.in_features, module.out_features * per_row)
-        elif isinstance(module, (*PACKED_MODULES, Int8DotLinear)) and name not in fused_names:
+        elif isinstance(module, PACKED_MODULES) and name not in fused_names:
             rows, cols = (module.num_embeddings, module.dim) if isinstance(module, Q8Embedding) else \
                 (module.out_features, module.in_features)
             sizes[f"{name}.weight"] = (rows * cols, _tensor_bytes(module))

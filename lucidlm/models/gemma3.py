@@ -88,6 +88,7 @@ class Attention(nn.Module):
         self.k_norm = GemmaRMSNorm(cfg.head_dim, cfg.norm_eps)
         self.explicit = False
         self.prefill_dtype: torch.dtype | None = None  # set for packed models (see loading.load)
+        self.decode_kernel = False  # decode steps through cpu_decode's attention (packed models, see loading.load)
         name = f"blocks.{layer_index}.attn."
         self.hook_q, self.hook_k, self.hook_v = (HookPoint(name + s) for s in ("hook_q", "hook_k", "hook_v"))
         self.hook_rot_q, self.hook_rot_k = HookPoint(name + "hook_rot_q"), HookPoint(name + "hook_rot_k")
@@ -105,7 +106,8 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_index, k, v)  # (B, H_kv, S, D)
         z, _ = scaled_dot_product_attention(q, k, v, mask, scale=self.scale,
                                             explicit=self.explicit or self.hook_pattern.active,
-                                            weights_hook=self.hook_pattern, prefill_dtype=self.prefill_dtype)
+                                            weights_hook=self.hook_pattern, prefill_dtype=self.prefill_dtype,
+                                            decode_kernel=self.decode_kernel)
         z = self.hook_z(z)  # (B, H, T, D)
         return self.o_proj(z.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 

@@ -200,7 +200,7 @@ def attention_mask(valid: torch.Tensor, query_slots: torch.Tensor, window: int |
 def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                                  scale: float, explicit: bool = False,
                                  weights_hook: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                                 prefill_dtype: torch.dtype | None = None):
+                                 prefill_dtype: torch.dtype | None = None, decode_kernel: bool = False):
     """softmax(q kᵀ · scale + mask) v, with grouped-query attention.
 
     q: (B, H, T, D); k, v: (B, H_kv, S, D) where H is a multiple of H_kv (each key/value head
@@ -212,12 +212,13 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     passed through `weights_hook`, which may replace them); both paths compute the same
     function. A model that sets `prefill_dtype` (packed models on CPUs with AVX-512 BF16) runs
     long prompts through `chunked_attention` in that dtype instead: faster there, and rounded.
-    Packed models' decode steps on CPUs with AVX-512 VNNI take `cpu_decode.decode_attention`
-    (one query: the same float32 function without the fused kernel's set-up cost).
+    A model that sets `decode_kernel` (packed models on CPUs with AVX-512 VNNI) runs decode steps
+    through `cpu_decode.decode_attention` (one query: the same float32 function without the fused
+    kernel's set-up cost).
     """
     if not explicit and chunked_attention.applies(q, mask, prefill_dtype):
         return chunked_attention.chunked_attention(q, k, v, mask, scale, prefill_dtype), None
-    if not explicit and cpu_decode.attention_applies(q, k, v, mask):  # a decode step of a packed model on a CPU
+    if not explicit and decode_kernel and cpu_decode.attention_applies(q, k, v, mask):
         return cpu_decode.decode_attention(q, k, v, mask, scale), None
     if not explicit:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)

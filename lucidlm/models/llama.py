@@ -74,6 +74,7 @@ class Attention(nn.Module):
         self.qkv_proj: nn.Module | None = None
         self.explicit = False  # True: materialise attention weights (see scaled_dot_product_attention)
         self.prefill_dtype: torch.dtype | None = None  # set for packed models (see loading.load)
+        self.decode_kernel = False  # decode steps through cpu_decode's attention (packed models, see loading.load)
         name = f"blocks.{layer_index}.attn."
         self.hook_q, self.hook_k, self.hook_v = (HookPoint(name + s) for s in ("hook_q", "hook_k", "hook_v"))
         self.hook_rot_q, self.hook_rot_k = HookPoint(name + "hook_rot_q"), HookPoint(name + "hook_rot_k")
@@ -95,7 +96,8 @@ class Attention(nn.Module):
         # listener wants to see (or edit) this layer's pattern.
         z, _ = scaled_dot_product_attention(q, k, v, mask, scale=self.head_dim**-0.5,
                                             explicit=self.explicit or self.hook_pattern.active,
-                                            weights_hook=self.hook_pattern, prefill_dtype=self.prefill_dtype)
+                                            weights_hook=self.hook_pattern, prefill_dtype=self.prefill_dtype,
+                                            decode_kernel=self.decode_kernel)
         z = self.hook_z(z)  # (B, H, T, D)
         out = z.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(out)

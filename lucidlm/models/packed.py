@@ -52,6 +52,7 @@ from torch import nn
 
 from . import dense_path
 from .dense_path import DENSE_DTYPE, DENSE_FROM_ROWS, has_avx512_bf16  # noqa: F401 (also read from here)
+from .dot_linear import Int8DotLinear
 from .int4_layout import int4pack, packed_layout
 
 GROUP = 32  # values sharing one scale and offset (the ggml block size)
@@ -333,4 +334,4 @@ class Q8Embedding(nn.Module):
         return Int8Linear(*_int8_rows((self.num_embeddings, self.dim), lambda rows: self._decode(self.blocks[rows]).float()))
 
 
-PACKED_MODULES = (Int4Linear, Int8Linear, Q8Embedding)
+PACKED_MODULES = (Int4Linear, Int8Linear, Int8DotLinear, Q8Embedding)
