@@ -27,10 +27,10 @@ from lucidlm.models.dot_linear import Int8DotLinear
 pytestmark = pytest.mark.skipif(not cpu_decode.available(), reason="needs AVX-512 VNNI and a C++ compiler")
 
 
-def random_int4(N: int, K: int, seed: int = 0):
-    """4-bit values, float16-exact scales and offsets per 32, and the float64 matrix they make."""
+def random_int4(N: int, K: int, seed: int = 0, bits: int = 4):
+    """4-bit (or `bits`-bit) values, float16-exact scales and offsets per 32, and the float64 matrix they make."""
     g = torch.Generator().manual_seed(seed)
-    q = torch.randint(0, 16, (N, K), generator=g)
+    q = torch.randint(0, 2**bits, (N, K), generator=g)
     scale = (torch.rand(N, K // 32, generator=g) * 0.05 + 0.001).half().float()
     offset = (-torch.rand(N, K // 32, generator=g) * 0.4).half().float()
     W = (q.double().view(N, K // 32, 32) * scale.double()[..., None] + offset.double()[..., None]).view(N, K)
@@ -53,10 +53,16 @@ def error_bound(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     return step @ per_group.t() + 1e-6
 
 
+def from_random(bits: int, N: int, K: int, seed: int = 0):
+    """An Int8DotLinear of random 4- or 5-bit values, and the float64 matrix it holds."""
+    q, scale, offset, W = random_int4(N, K, seed, bits)
+    return (Int8DotLinear.from_int4 if bits == 4 else Int8DotLinear.from_int5)(q, scale, offset), W
+
+
+@pytest.mark.parametrize("bits", [4, 5])
 @pytest.mark.parametrize("M,N,K", [(1, 960, 576), (1, 576, 1536), (3, 5, 64), (8, 48, 640), (2, 300, 2048)])
-def test_int4_matmul_is_the_float_product_within_the_rounding_bound(M, N, K):
-    q, scale, offset, W = random_int4(N, K)
-    layer = Int8DotLinear.from_int4(q, scale, offset)
+def test_int4_and_int5_matmuls_are_the_float_product_within_the_rounding_bound(M, N, K, bits):
+    layer, W = from_random(bits, N, K)
     x = activations(M, K)
     y = layer(x)
     assert y.dtype == torch.float32 and y.shape == (M, N)
@@ -75,17 +81,17 @@ def test_a_single_int8_term_would_miss_the_bound():
     assert ((once.double() @ W.t() - x.double() @ W.t()).abs() > error_bound(x, W)).any()
 
 
-def test_weights_decode_to_the_values_given():
-    q, scale, offset, W = random_int4(40, 128)
-    layer = Int8DotLinear.from_int4(q, scale, offset)
+@pytest.mark.parametrize("bits", [4, 5])
+def test_weights_decode_to_the_values_given(bits):
+    layer, W = from_random(bits, 40, 128)
     assert torch.equal(layer.weight.double(), W)  # float16 scales: exact in float32
     assert torch.equal(layer.weight_rows(7, 19).double(), W[7:19])
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 5, 8])
 def test_dequantize_into_bfloat16_is_the_float32_value_rounded_once(bits):
     """The dense path's decoding: bfloat16 rows equal the float32 ones rounded by PyTorch (to nearest even)."""
-    layer = Int8DotLinear.from_int4(*random_int4(70, 192)[:3]) if bits == 4 else Int8DotLinear.quantize(torch.randn(70, 192))
+    layer = from_random(bits, 70, 192)[0] if bits < 8 else Int8DotLinear.quantize(torch.randn(70, 192))
     exact = torch.empty(70, 192)
     cpu_decode.dequantize(layer.weights, layer.scales, bits, exact)
     assert torch.equal(exact, layer.weight)
@@ -110,6 +116,21 @@ def test_q8_0_head_is_exact_and_multiplies_within_the_bound():
     x = activations(2, 576)
     error = (head(x).double() - x.double() @ W.t()).abs()
     assert (error <= error_bound(x, W)).all(), f"max error {error.max():.3g}"
+
+
+@pytest.mark.parametrize("encoding", ["Q5_0", "Q5_1"])
+def test_q5_matrices_are_held_exactly(encoding):
+    """A Q5_0/Q5_1 matrix (bytes from gguf's quantizer) as 5-bit values: the layer's weight is gguf's
+    own decoding of those bytes, bit for bit."""
+    import gguf
+    from lucidlm.loading.quants import affine_5bit
+
+    qtype = getattr(gguf.GGMLQuantizationType, encoding)
+    W = np.random.default_rng(3).standard_normal((48, 640)).astype(np.float32)
+    raw = gguf.quants.quantize(W, qtype)
+    layer = Int8DotLinear.from_int5(*affine_5bit(raw.reshape(-1), int(qtype), W.shape))
+    assert layer.bits == 5 and layer.weights.shape == (48, 640 * 5 // 8)
+    assert torch.equal(layer.weight, torch.from_numpy(gguf.quants.dequantize(raw, qtype).reshape(W.shape)))
 
 
 def test_quantize_rounds_each_value_to_within_half_a_step():
@@ -191,11 +212,12 @@ def test_the_kernels_can_be_turned_off():
 
 # ----- packed models built on these kernels, against transformers and the float32 model -----
 
-@pytest.mark.parametrize("encoding,tie", [("Q4_0", True), ("Q4_1", True), ("Q4_1", False)],
-                         ids=["q4_0-tied", "q4_1-tied", "q4_1-untied-294-rows"])
+@pytest.mark.parametrize("encoding,tie", [("Q4_0", True), ("Q4_1", True), ("Q4_1", False), ("Q5_0", False), ("Q5_1", True)],
+                         ids=["q4_0-tied", "q4_1-tied", "q4_1-untied-294-rows", "q5_0-untied", "q5_1-tied"])
 def test_tiny_packed_model_matches_transformers(tmp_path, encoding, tie):
-    """Every matrix 4-bit (q/k rows permuted as llama.cpp writes them, undone by the loader); the
-    untied output matrix has 294 rows (no multiple of 16: PyTorch's int4 kernel could not take it)."""
+    """Every matrix 4-bit or 5-bit (q/k rows permuted as llama.cpp writes them, undone by the loader);
+    the untied output matrix has 294 rows (no multiple of 16: PyTorch's int4 kernel could not take it).
+    The values transformers gets are gguf's own decoding of the quantized bytes."""
     from gguf import GGMLQuantizationType
     from test_loading_gguf import VOCAB_SIZE, hf_llama_and_gguf_tensors, tiny_metadata, write_gguf
     from test_packed import _kl_and_agreement
@@ -205,7 +227,7 @@ def test_tiny_packed_model_matches_transformers(tmp_path, encoding, tie):
     hf_model, tensors = hf_llama_and_gguf_tensors(tie=tie, encoding=getattr(GGMLQuantizationType, encoding))
     model = lucidlm.load(str(write_gguf(tmp_path / "tiny.gguf", tiny_metadata(), tensors)), progress=False)
     layers = [model.model.layers[0].self_attn.qkv_proj, model.model.layers[1].mlp.down_proj]
-    assert all(isinstance(m, Int8DotLinear) and m.bits == 4 for m in layers)
+    assert all(isinstance(m, Int8DotLinear) and m.bits == int(encoding[1]) for m in layers)
     if not tie:
         assert isinstance(model.model.lm_head, Int8DotLinear) and model.model.lm_head.out_features == 294
     ids = torch.from_numpy(np.random.default_rng(1).integers(0, VOCAB_SIZE, size=(48,)))
@@ -272,15 +294,17 @@ def test_smollm_packed_decode_logits_are_not_rounded_to_bfloat16(smollm_packed, 
 
 @pytest.mark.slow
 def test_gemma_packed_decode_is_close_to_the_float32_model(gemma_path):
-    """Gemma 3's Q5_0/Q6_K/Q8_0 block matrices are re-rounded to int8 (a scale per 32): observed mean
-    KL ~4.5e-4 from the float32 model (llama.cpp on the same file: 5e-3, bench/RESULTS.md)."""
+    """Gemma 3's Q5_0 block matrices are held exactly (5-bit), its Q6_K/Q8_0 ones re-rounded to int8
+    (a scale per 32): observed mean KL ~4.5e-4 from the float32 model (llama.cpp on the same file:
+    5e-3, bench/RESULTS.md)."""
     import lucidlm
     from prompts import PASSAGE
     from test_packed import _kl_and_agreement
 
     exact = lucidlm.load(str(gemma_path), progress=False, dtype="float32")
     packed = lucidlm.load(str(gemma_path), progress=False)
-    assert any(isinstance(m, Int8DotLinear) and m.bits == 8 for m in packed.model.modules())
+    bits = {m.bits for m in packed.model.modules() if isinstance(m, Int8DotLinear)}
+    assert bits == {4, 5, 8}, bits
     ids = exact.tokenizer.encode(PASSAGE)[:120]
     kl, top1 = _kl_and_agreement(exact.logits(ids), _decode_logits(packed.model, ids))
     assert kl.mean() < 2e-3 and top1 >= 0.95, (float(kl.mean()), top1)

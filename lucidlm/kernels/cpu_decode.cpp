@@ -1,5 +1,5 @@
 // Kernels for a decode step on a CPU (lucidlm/kernels/cpu_decode.py says why and when):
-//   int8_dot_matmul    matrix-vector products with integer dot products: 4- or 8-bit weights
+//   int8_dot_matmul    matrix-vector products with integer dot products: 4-, 5- or 8-bit weights
 //                      times activations quantized to int8 on the fly;
 //   dequantize         the same weights as float32 or bfloat16 rows, for the dense prefill path;
 //   decode_attention   the attention of one query over the KV cache.
@@ -17,7 +17,9 @@
 // depends on x alone and is computed once per call (x ~ e p is two int8 terms in fact: see
 // quantize_rows). Weights come in chunks of 64 values (two groups, A and B): 32 bytes (4-bit: byte
 // b holds value b in its low nibble and value 32 + b in its high one) and four float16 numbers
-// (dA, dB, mA, mB), or 64 bytes (8-bit: q + 128) and two (dA, dB): their offset is always -128 d.
+// (dA, dB, mA, mB); 40 bytes (5-bit: those 32, then 8 holding the values' fifth bits, bit j of
+// the little-endian 64-bit word for value j) and the same four numbers; or 64 bytes (8-bit:
+// q + 128) and two (dA, dB): their offset is always -128 d.
 // After vpdpbusd, lanes 0-7 hold group A's partial sums and lanes 8-15 group B's.
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
@@ -34,8 +36,8 @@ namespace {
 
 constexpr int64_t CHUNK = 64;  // values per chunk: two groups of 32
 
-// float16 numbers per chunk: scales and offsets (4-bit), scales only (8-bit: offsets -128 scale)
-constexpr int64_t scales_per_chunk(int64_t bits) { return bits == 4 ? 4 : 2; }
+// float16 numbers per chunk: scales and offsets (4-, 5-bit), scales only (8-bit: offsets -128 scale)
+constexpr int64_t scales_per_chunk(int64_t bits) { return bits == 8 ? 2 : 4; }
 
 // x (M, K) float32 -> two int8 terms per value, x ~ e (256 p1 + p2), e a scale per group of 32:
 // p1 rounds x to steps of 256 e = max|x|/127, p2 rounds what p1 left over (at most half a step:
@@ -75,6 +77,11 @@ template <int BITS>
 inline __m512i load_chunk(const uint8_t* w) {
   if constexpr (BITS == 8) {
     return _mm512_loadu_si512(w);
+  } else if constexpr (BITS == 5) {  // the 4-bit chunk, plus 16 where a value's fifth bit is set
+    uint64_t fifth;
+    std::memcpy(&fifth, w + 32, 8);
+    const __m512i low = load_chunk<4>(w);
+    return _mm512_mask_add_epi8(low, fifth, low, _mm512_set1_epi8(16));
   } else {
     // the 32 bytes twice; the upper copy shifted right by 4: low nibbles, then high nibbles
     const __m512i shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
@@ -121,7 +128,7 @@ void rows_dot(const uint8_t* weights, const uint16_t* scales, const int8_t* p, c
         __m512 scale = _mm512_permutexvar_ps(spread, _mm512_mul_ps(pair(h + c * SC), pair(em + c * 2)));
         acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc);
         // the offsets' term: m (4-bit), or d, times -128 once at the end (8-bit)
-        offsets = _mm512_fmadd_ps(pair(h + c * SC + (BITS == 4 ? 2 : 0)), pair(sm + c * 2), offsets);
+        offsets = _mm512_fmadd_ps(pair(h + c * SC + (BITS == 8 ? 0 : 2)), pair(sm + c * 2), offsets);
       }
       if constexpr (BITS == 8) offsets = _mm512_mul_ps(offsets, _mm512_set1_ps(-128.f));
       y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc, offsets));
@@ -132,13 +139,13 @@ void rows_dot(const uint8_t* weights, const uint16_t* scales, const int8_t* p, c
 // x (M, K) float32 times the (N, K) weight -> (M, N) float32.
 at::Tensor int8_dot_matmul(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& scales, int64_t bits) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: a contiguous (M, K) float32 tensor");
-  TORCH_CHECK(bits == 4 || bits == 8, "bits: 4 or 8");
+  TORCH_CHECK(bits == 4 || bits == 5 || bits == 8, "bits: 4, 5 or 8");
   const int64_t M = x.size(0), K = x.size(1), N = weights.size(0);
   TORCH_CHECK(K % CHUNK == 0, "K must be a multiple of 64");
   TORCH_CHECK(weights.scalar_type() == at::kByte && weights.is_contiguous() && weights.dim() == 2 &&
               weights.size(1) == K * bits / 8, "weights: (N, K * bits/8) uint8");
   TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() &&
-              scales.numel() == N * K / CHUNK * scales_per_chunk(bits), "scales: (N, K/64, 4 or 2) float16");
+              scales.numel() == N * K / CHUNK * scales_per_chunk(bits), "scales: (N, K/64, 4 (4-, 5-bit) or 2 (8-bit)) float16");
   // x's rounding goes to scratch space of the calling thread, kept between calls: three tensors
   // allocated and freed per call were ~1 us each, and a SmolLM2 step makes 121 calls.
   thread_local std::vector<int8_t> p_scratch;
@@ -159,6 +166,8 @@ at::Tensor int8_dot_matmul(const at::Tensor& x, const at::Tensor& weights, const
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     if (bits == 4)
       rows_dot<4>(w, h, p, e, s, M, K, N, n0, n1, out);
+    else if (bits == 5)
+      rows_dot<5>(w, h, p, e, s, M, K, N, n0, n1, out);
     else
       rows_dot<8>(w, h, p, e, s, M, K, N, n0, n1, out);
   });
@@ -170,7 +179,7 @@ at::Tensor int8_dot_matmul(const at::Tensor& x, const at::Tensor& weights, const
 // offset 11) and, for bfloat16, rounded once to nearest even. weights, scales: the rows wanted.
 void dequantize(const at::Tensor& weights, const at::Tensor& scales, int64_t bits, at::Tensor& out) {
   const int64_t rows = weights.size(0), K = out.size(1), chunks = K / CHUNK;
-  TORCH_CHECK(bits == 4 || bits == 8, "bits: 4 or 8");
+  TORCH_CHECK(bits == 4 || bits == 5 || bits == 8, "bits: 4, 5 or 8");
   TORCH_CHECK(out.dim() == 2 && out.size(0) == rows && out.is_contiguous() && K % CHUNK == 0 &&
               (out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16), "out: (rows, K) float32 or bfloat16");
   TORCH_CHECK(weights.is_contiguous() && weights.size(1) == K * bits / 8 && scales.is_contiguous() &&
@@ -184,7 +193,7 @@ void dequantize(const at::Tensor& weights, const at::Tensor& scales, int64_t bit
     for (int64_t r = r0; r < r1; r++) {
       for (int64_t c = 0; c < chunks; c++) {
         const uint8_t* src = w + r * K * bits / 8 + c * CHUNK * bits / 8;
-        const __m512i q = bits == 4 ? load_chunk<4>(src) : load_chunk<8>(src);
+        const __m512i q = bits == 4 ? load_chunk<4>(src) : bits == 5 ? load_chunk<5>(src) : load_chunk<8>(src);
         const int64_t sc = scales_per_chunk(bits);
         const uint16_t* hc = h + (r * chunks + c) * sc;
         const __m128i parts[4] = {_mm512_extracti32x4_epi32(q, 0), _mm512_extracti32x4_epi32(q, 1),
@@ -192,7 +201,7 @@ void dequantize(const at::Tensor& weights, const at::Tensor& scales, int64_t bit
         for (int part = 0; part < 4; part++) {  // 16 values each; parts 0, 1: group A, 2, 3: group B
           const __m512 values = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(parts[part])),
                                                 _mm512_set1_ps(_cvtsh_ss(hc[part / 2])),
-                                                _mm512_set1_ps(bits == 4 ? _cvtsh_ss(hc[2 + part / 2])
+                                                _mm512_set1_ps(bits != 8 ? _cvtsh_ss(hc[2 + part / 2])
                                                                          : -128.f * _cvtsh_ss(hc[part / 2])));
           const int64_t at = r * K + c * CHUNK + part * 16;
           if (to_bf16) {  // round to nearest even: add 0x7FFF plus the lowest kept bit, keep the top 16 bits

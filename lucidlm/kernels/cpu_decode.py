@@ -1,6 +1,6 @@
 """Kernels for decode steps on a CPU with AVX-512 VNNI, in C++ (cpu_decode.cpp), used by packed models.
 
-1. `matmul`: integer dot products, int8 activations times 4- or 8-bit weights.
+1. `matmul`: integer dot products, int8 activations times 4-, 5- or 8-bit weights.
 
 Why: a batch-1 decode step multiplies one row by every weight matrix, and PyTorch's weight-only
 CPU kernels (and Inductor's templates for them) turn each 4-bit weight into a float before a
@@ -17,10 +17,10 @@ whole model's worth of matrices streamed from memory, as a decode step reads the
 
 Layout (`Int8DotLinear` builds it): the weight W (N, K) in chunks of 64 values (two groups of
 32: A, B), each chunk's values q stored as unsigned bytes (4-bit: 32 bytes, byte b holding
-value b in its low nibble and value 32 + b in its high one; 8-bit: 64 bytes, q + 128) and
-float16 scales and offsets per chunk (W = scale * q + offset: 4-bit, scale and offset of A and
-B; 8-bit, the scales of A and B, the offsets being -128 * scale). The C++
-source (cpu_decode.cpp) has the arithmetic.
+value b in its low nibble and value 32 + b in its high one; 5-bit: those 32 bytes for the low
+four bits, then 8 bytes of fifth bits; 8-bit: 64 bytes, q + 128) and float16 scales and offsets
+per chunk (W = scale * q + offset: 4- and 5-bit, scale and offset of A and B; 8-bit, the scales
+of A and B, the offsets being -128 * scale). The C++ source (cpu_decode.cpp) has the arithmetic.
 
 2. `decode_attention`: the attention of one query per sequence over the cache, float32 (its
 docstring says why).

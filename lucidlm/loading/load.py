@@ -14,8 +14,9 @@ Three ways to hold the weights (`dtype`):
                 Q8_0, read from the mapped file row by row (`Q8Embedding`, exact lookups),
                 other quantized matrices (Q5_0, Q6_K, Q8_0) become int8. On CPUs with AVX-512
                 VNNI all of them are `models.dot_linear.Int8DotLinear`s (the 4-bit values and
-                their float16 scales exact, int8 with a scale per 32 values, a tied Q8_0 head
-                exact), multiplied in decode steps by our own integer-dot kernel
+                their float16 scales exact, Q5_0/Q5_1 exact as 5-bit values, others int8 with a
+                scale per 32 values, a tied Q8_0 head exact), multiplied in decode steps by our
+                own integer-dot kernel
                 (`kernels.cpu_decode`). Elsewhere: `models.packed.Int4Linear` (scales in
                 bfloat16) and `Int8Linear` (a scale per row; a head larger than the blocks
                 together, as Gemma 3's, an `Int8Head` where PyTorch runs AVX2 kernels:
@@ -46,7 +47,7 @@ from ..tokenizers.registry import tokenizer_from_gguf_metadata
 from .gguf import GGUFFile
 from .gguf_gemma3 import GEMMA3_TENSOR_NAMES, gemma3_config, gemma3_fix_up
 from .gguf_llama import LLAMA_TENSOR_NAMES, expand_layer_names, llama_config, llama_fix_up
-from .quants import AFFINE_4BIT_TYPES, affine_4bit, check_supported, dequantize
+from .quants import AFFINE_4BIT_TYPES, AFFINE_5BIT_TYPES, affine_4bit, affine_5bit, check_supported, dequantize
 
 # general.architecture -> (config builder, model class, name table, fix-up)
 GGUF_ARCHITECTURES = {
@@ -169,6 +170,10 @@ def load_gguf(path: str | Path, dtype: str = "float32", progress: bool = True) -
             q, scale, offset = (fix_up(ours, t, cfg) for t in decode(g, affine_4bit, info.ggml_type, info.shape, g))
             packed[module_name] = Int8DotLinear.from_int4(q, scale, offset) if use_dot else \
                 Int4Linear(q, scale, offset, pack=False)  # packed below, after stacking
+        elif use_dot and is_linear and info.type_name in AFFINE_5BIT_TYPES:
+            # Q5_0/Q5_1 exactly, as 5-bit values (0.75 bytes a weight; int8 would read 1.06)
+            q, scale, offset = (fix_up(ours, t, cfg) for t in decode(g, affine_5bit, info.ggml_type, info.shape, g))
+            packed[module_name] = Int8DotLinear.from_int5(q, scale, offset)
         elif dtype == "packed" and ours == "embed_tokens.weight" and info.type_name == "Q8_0":
             # The fix-ups never touch embedding tables, so the file's Q8_0 blocks are the table; it
             # stays in the file, memory-mapped, and only the rows looked up are ever read.

@@ -59,6 +59,7 @@ GGML_TYPES = {
 }
 
 AFFINE_4BIT_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+AFFINE_5BIT_TYPES = ("Q5_0", "Q5_1")
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 
 
@@ -224,6 +225,23 @@ def affine_4bit(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...],
         q = _nibbles(blocks[:, 16:144], chunk=32)
         scale, offset = d * torch.from_numpy(sc).float(), -dmin * torch.from_numpy(m).float()  # (B, 8)
     return torch.from_numpy(q).reshape(N, K), scale.reshape(N, K // 32), offset.reshape(N, K // 32)
+
+
+def affine_5bit(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...],
+                name: str = "tensor") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Q5_0/Q5_1 matrix as (q, scale, offset) with value = scale * q + offset per 32-group,
+    as `affine_4bit` (q in 0..31): Q5_0 d*(q-16) -> scale d, offset -16 d; Q5_1 d*q + m."""
+    check_supported(ggml_type, name)
+    t = GGML_TYPES[ggml_type]
+    if t.name not in AFFINE_5BIT_TYPES:
+        raise UnsupportedError(f"tensor '{name}' is {t.name}, not one of the 5-bit types {AFFINE_5BIT_TYPES}")
+    N, K = shape
+    blocks = _blocks(raw, t.type_size)
+    start = 2 if t.name == "Q5_0" else 4  # the fifth bits follow d (and m)
+    q = np.bitwise_or(_fifth_bits(blocks[:, start:start + 4]), _nibbles(blocks[:, start + 4:start + 20]))
+    d = _f16(blocks, 0)
+    offset = -16 * d if t.name == "Q5_0" else _f16(blocks, 2)
+    return torch.from_numpy(q).reshape(N, K), d.reshape(N, K // 32), offset.reshape(N, K // 32)
 
 
 def _q8_0_fields(blocks: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:

@@ -3,13 +3,15 @@ AVX-512 VNNI, packed models keep their 4-bit and 8-bit matrices in this form ins
 `packed.Int4Linear` / `packed.Int8Linear`.
 
     Int8DotLinear  W (N, K) in groups of 32 values with a scale and an offset each:
-                   W[n, g*32:(g+1)*32] = scale[n,g] * q + offset[n,g], q unsigned, 4 or 8 bits.
+                   W[n, g*32:(g+1)*32] = scale[n,g] * q + offset[n,g], q unsigned, 4, 5 or 8 bits.
                    4-bit: the file's Q4_0/Q4_1/Q4_K values, exactly, with their scales as
                    float16 (Q4_0/Q4_1's are float16 in the file; Q4_K's products of a float16
                    and a 6-bit integer are rounded to float16, 2^-11 relative).
+                   5-bit: the file's Q5_0/Q5_1 values, exactly (Q5_0's offset -16 d is exact
+                   in float16).
                    8-bit: a Q8_0 matrix exactly (the tied LM head: q + 128, offset
                    -128 * scale, not stored),
-                   or any other matrix (Q5_0, Q6_K ...) rounded to int8 with a scale per 32 values.
+                   or any other matrix (Q6_K ...) rounded to int8 with a scale per 32 values.
 
 Few rows (decode steps, prompt lookup's checks, small batches) go through the kernel, which
 rounds x to two int8 terms (a scale per 32 values: ~1e-5 of each group's maximum) and returns
@@ -36,15 +38,15 @@ GROUP = 32  # values sharing a scale and an offset (the ggml block size)
 class Int8DotLinear(nn.Module):
     """y = x Wᵀ (+ b), W stored as `bits`-bit unsigned values with a float16 scale and offset per 32
     (module docstring). `weights`: (N, K * bits/8) uint8 in the kernel's layout; `scales`: float16 per
-    chunk of 64 values: 4-bit (N, K/64 * 4) (scale A, scale B, offset A, offset B), 8-bit (N, K/64 * 2)
-    (scale A, scale B: the offsets are -128 * scale)."""
+    chunk of 64 values: 4- and 5-bit (N, K/64 * 4) (scale A, scale B, offset A, offset B), 8-bit
+    (N, K/64 * 2) (scale A, scale B: the offsets are -128 * scale)."""
 
     def __init__(self, weights: torch.Tensor, scales: torch.Tensor, bits: int, bias: torch.Tensor | None = None):
         super().__init__()
         self.bits = bits
         self.out_features, self.in_features = weights.shape[0], weights.shape[1] * 8 // bits
-        if not self.fits((self.out_features, self.in_features)) or bits not in (4, 8):
-            raise ValueError(f"Int8DotLinear needs in_features % 64 == 0 and 4 or 8 bits, got "
+        if not self.fits((self.out_features, self.in_features)) or bits not in (4, 5, 8):
+            raise ValueError(f"Int8DotLinear needs in_features % 64 == 0 and 4, 5 or 8 bits, got "
                              f"{(self.out_features, self.in_features)}, {bits} bits")
         self.register_buffer("weights", weights.to(torch.uint8).contiguous())
         self.register_buffer("scales", scales.to(torch.float16).contiguous())
@@ -64,6 +66,20 @@ class Int8DotLinear(nn.Module):
         chunks = q.to(torch.uint8).view(N, K // 64, 2, 32)
         weights = (chunks[:, :, 0] | (chunks[:, :, 1] << 4)).reshape(N, K // 2)  # value b low, 32 + b high
         return cls(weights, _chunk_scales(scale, offset), 4, bias)
+
+    @classmethod
+    def from_int5(cls, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> "Int8DotLinear":
+        """From 5-bit values q (N, K) 0..31 and a scale and offset per group (N, K/32), as
+        `loading.quants.affine_5bit` gives them: per chunk of 64 values, the 4-bit chunk of their
+        low four bits, then their fifth bits as 8 bytes (bit j of the little-endian word: value j)."""
+        N, K = q.shape
+        q = q.to(torch.uint8).view(N, K // 64, 64)
+        low = (q & 15).view(N, K // 64, 2, 32)
+        nibbles = low[:, :, 0] | (low[:, :, 1] << 4)  # (N, K/64, 32)
+        fifth = (q >> 4).view(N, K // 64, 8, 8) << torch.arange(8, dtype=torch.uint8)  # bit i of byte b: value 8b + i
+        weights = torch.cat([nibbles, fifth.sum(-1, dtype=torch.uint8)], dim=-1).reshape(N, K // 64 * 40)
+        return cls(weights, _chunk_scales(scale, offset), 5, bias)
 
     @classmethod
     def from_q8_0(cls, blocks: torch.Tensor, shape: tuple[int, int]) -> "Int8DotLinear":
@@ -144,7 +160,7 @@ class Int8DotLinear(nn.Module):
 
 def _chunk_scales(scale: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
     """Per-group scale and offset (N, K/32) -> the layout's float16 numbers: per chunk of two groups
-    A, B: scale A, scale B, offset A, offset B ((N, K/64 * 4)); without offsets (8-bit values, whose
+    A, B: scale A, scale B, offset A, offset B ((N, K/64 * 4), 4- and 5-bit); without offsets (8-bit values, whose
     offset is always -128 * scale) scale A, scale B ((N, K/64 * 2))."""
     if offset is None:
         return scale.to(torch.float16).contiguous()
