@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from lucidlm.errors import InvalidArgumentError
+from lucidlm.kernels import cpu_decode
 
 # Cumulative probability within this distance of top_p counts as having reached it, so
 # that e.g. probabilities 0.6 + 0.35 meet top_p = 0.95 although float32 sums them to less.
@@ -213,11 +214,21 @@ class Sampler:
         """
         scores = _final_logits(logits, self.params, previous_ids)
         if self.params.greedy:
-            return scores.argmax(dim=-1)
+            return _argmax(scores)
         probs = scores.softmax(dim=-1)
         rows = probs.reshape(-1, probs.shape[-1]).cpu()
         draws = torch.multinomial(rows, num_samples=1, generator=self.generator)
         return draws.reshape(probs.shape[:-1]).to(logits.device)
+
+
+def _argmax(scores: torch.Tensor) -> torch.Tensor:
+    """scores.argmax(dim=-1); for (B, V) float32 rows on a CPU through our kernel where it is loaded
+    (packed models on AVX-512 VNNI CPUs: `kernels.cpu_decode`), the same indices ~10x sooner (PyTorch's
+    reduction takes ~0.13 ms over Gemma 3's 262,144 logits, ~2 % of a decode step)."""
+    if (scores.dim() == 2 and scores.dtype == torch.float32 and scores.device.type == "cpu"
+            and scores.stride(-1) == 1 and cpu_decode.loaded()):
+        return cpu_decode.argmax(scores)
+    return scores.argmax(dim=-1)
 
 
 def make_sampler(params: SamplingParams) -> Sampler:

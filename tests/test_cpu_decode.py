@@ -308,3 +308,27 @@ def test_gemma_packed_decode_is_close_to_the_float32_model(gemma_path):
     ids = exact.tokenizer.encode(PASSAGE)[:120]
     kl, top1 = _kl_and_agreement(exact.logits(ids), _decode_logits(packed.model, ids))
     assert kl.mean() < 2e-3 and top1 >= 0.95, (float(kl.mean()), top1)
+
+
+def test_argmax_is_torchs_argmax():
+    """Greedy decoding's choice: the same index as torch.argmax, ties (the first), NaN (the first),
+    all -inf (0), rows shorter than a vector and long ones (Gemma 3's 262,144 logits)."""
+    g = torch.Generator().manual_seed(4)
+    rows = [torch.randn(3, 262144, generator=g), torch.randn(2, 7, generator=g), torch.randn(1, 49152, generator=g)[:, :49151]]
+    tied = torch.randn(2, 100, generator=g)
+    tied[:, [17, 40, 99]] = 50.0  # ties across lanes and in the tail
+    nan = torch.randn(2, 300, generator=g)
+    nan[0, [120, 250]] = float("nan")
+    nan[1, 299] = float("nan")
+    rows += [tied, nan, torch.full((1, 40), -float("inf")), torch.full((1, 5), -float("inf")),
+             torch.randn(4, 50, generator=g)[:, 3:]]  # rows strided, contiguous within
+    for x in rows:
+        assert torch.equal(cpu_decode.argmax(x), x.argmax(-1)), x.shape
+
+
+def test_greedy_sampler_takes_the_kernel_and_agrees():
+    from lucidlm.sampling import SamplingParams, make_sampler
+
+    logits = torch.randn(2, 5000)
+    assert cpu_decode.loaded()
+    assert torch.equal(make_sampler(SamplingParams())(logits), logits.argmax(-1))

@@ -27,6 +27,8 @@ docstring says why).
 
 3. `dequantize`: rows of such a weight as float32 or bfloat16, for the dense (prefill) path.
 
+4. `argmax`: the index of each row's largest value (greedy decoding), ~10x PyTorch's reduction.
+
 The kernels are compiled on first use with the C++ compiler PyTorch's extensions use (~5 s;
 cached in torch's extension directory, `TORCH_EXTENSIONS_DIR`) and only on x86 CPUs with
 AVX-512 VNNI; elsewhere, or if the build fails (the warning says why), `available()` is False
@@ -66,7 +68,7 @@ def available() -> bool:
     not turned off (LUCIDLM_CPU_KERNELS=0). Builds them the first time (cached on disk)."""
     if os.environ.get("LUCIDLM_CPU_KERNELS", "1") == "0" or not cpu_has_vnni():
         return False
-    if hasattr(torch.ops.lucidlm_kernels, "int8_dot_matmul"):
+    if loaded():
         return True
     try:
         from torch.utils import cpp_extension
@@ -80,7 +82,20 @@ def available() -> bool:
     # the outputs' shapes, for torch.compile's tracing (the operators are C++)
     torch.library.register_fake("lucidlm_kernels::int8_dot_matmul", _fake)
     torch.library.register_fake("lucidlm_kernels::decode_attention", _fake_attention)
+    torch.library.register_fake("lucidlm_kernels::argmax", lambda x: x.new_empty(x.shape[0], dtype=torch.long))
     return True
+
+
+def loaded() -> bool:
+    """Whether the kernels are built and loaded in this process already (by `available()`; a
+    packed model's loader calls it). Never builds them: for code that uses them only if present."""
+    return hasattr(torch.ops.lucidlm_kernels, "argmax")
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """x (B, V) float32 on the CPU, rows contiguous -> (B,) long: torch.argmax(x, -1), ties and NaN
+    alike (the first index of the maximum; the first NaN if any)."""
+    return torch.ops.lucidlm_kernels.argmax(x)
 
 
 def matmul(x: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
