@@ -22,14 +22,14 @@ four bits, then 8 bytes of fifth bits; 8-bit: 64 bytes, q + 128) and float16 sca
 per chunk (W = scale * q + offset: 4- and 5-bit, scale and offset of A and B; 8-bit, the scales
 of A and B, the offsets being -128 * scale). The C++ source (cpu_decode.cpp) has the arithmetic.
 
-2. `decode_attention`: the attention of one query per sequence over the cache, float32 (its
-docstring says why).
+2. `decode_attention` (cpu_attention.cpp): the attention of one query per sequence over the
+cache, float32 (its docstring says why).
 
 3. `dequantize`: rows of such a weight as float32 or bfloat16, for the dense (prefill) path.
 
 4. `argmax`: the index of each row's largest value (greedy decoding), ~10x PyTorch's reduction.
 
-The kernels are compiled on first use with the C++ compiler PyTorch's extensions use (~5 s;
+The kernels (cpu_decode.cpp, cpu_attention.cpp) are compiled on first use with the C++ compiler PyTorch's extensions use (~5 s;
 cached in torch's extension directory, `TORCH_EXTENSIONS_DIR`) and only on x86 CPUs with
 AVX-512 VNNI; elsewhere, or if the build fails (the warning says why), `available()` is False
 and packed models keep PyTorch's weight-only kernels (and attention). LUCIDLM_CPU_KERNELS=0 turns
@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_decode.cpp")
+SOURCES = [str(Path(__file__).with_name(name)) for name in ("cpu_decode.cpp", "cpu_attention.cpp")]
 CHUNK = 64  # values per chunk of the layout: two groups of 32
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-fopenmp"]
 
@@ -72,7 +72,7 @@ def available() -> bool:
         return True
     try:
         from torch.utils import cpp_extension
-        cpp_extension.load(name="lucidlm_cpu_decode", sources=[str(SOURCE)], extra_cflags=FLAGS,
+        cpp_extension.load(name="lucidlm_cpu_decode", sources=SOURCES, extra_cflags=FLAGS,
                            extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as error:  # no compiler, no ninja, a compiler error: PyTorch's kernels instead
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
