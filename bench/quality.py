@@ -91,9 +91,9 @@ def main() -> None:
     body = (f"Command: `{command}`; {args.tokens}-token text (docs/walkthrough.md).\n\n" + "\n".join(rows) +
             "\n\nThe issue's bar: a faster numeric path may lose no more than llama.cpp does on the same file. "
             "Where the CPU has AVX-512 VNNI (this run: " + ("yes" if cpu_decode.available() else "no") + "), packed "
-            "models keep the 4-bit values and their float16 scales exactly and the tied Q8_0 head exactly "
-            "(models/dot_linear.py); Gemma's Q5_0/Q6_K/Q8_0 block matrices are re-rounded to int8 with a "
-            "scale per 32 values. Decode steps (the compiled rows) multiply with our integer-dot kernel, which "
+            "models keep the 4-bit values and their float16 scales, the 5-bit ones (Gemma's Q5_0) and the "
+            "tied Q8_0 head exactly (models/dot_linear.py); Gemma's Q6_K/Q8_0 block matrices are re-rounded "
+            "to int8 with a scale per 32 values. Decode steps (the compiled rows) multiply with our integer-dot kernel, which "
             "rounds x to two int8 terms (kernels/cpu_decode.cpp: ~1e-5 of each group's maximum), so they are "
             "the float32 model to within that; the default row runs the text in one pass, whose many-row "
             "matmuls use the same weights decoded to bfloat16 with x rounded to bfloat16 on CPUs with "

@@ -295,8 +295,8 @@ def test_smollm_packed_decode_logits_are_not_rounded_to_bfloat16(smollm_packed, 
 @pytest.mark.slow
 def test_gemma_packed_decode_is_close_to_the_float32_model(gemma_path):
     """Gemma 3's Q5_0 block matrices are held exactly (5-bit), its Q6_K/Q8_0 ones re-rounded to int8
-    (a scale per 32): observed mean KL ~4.5e-4 from the float32 model (llama.cpp on the same file:
-    5e-3, bench/RESULTS.md)."""
+    (a scale per 32): observed mean KL ~1.1e-4 from the float32 model (4.5e-4 while the Q5_0 ones
+    were int8 too; llama.cpp on the same file: 5e-3, bench/RESULTS.md)."""
     import lucidlm
     from prompts import PASSAGE
     from test_packed import _kl_and_agreement
@@ -307,7 +307,7 @@ def test_gemma_packed_decode_is_close_to_the_float32_model(gemma_path):
     assert bits == {4, 5, 8}, bits
     ids = exact.tokenizer.encode(PASSAGE)[:120]
     kl, top1 = _kl_and_agreement(exact.logits(ids), _decode_logits(packed.model, ids))
-    assert kl.mean() < 2e-3 and top1 >= 0.95, (float(kl.mean()), top1)
+    assert kl.mean() < 5e-4 and top1 >= 0.95, (float(kl.mean()), top1)
 
 
 def test_argmax_is_torchs_argmax():

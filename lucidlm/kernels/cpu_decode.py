@@ -29,11 +29,11 @@ cache, float32 (its docstring says why).
 
 4. `argmax`: the index of each row's largest value (greedy decoding), ~10x PyTorch's reduction.
 
-The kernels (cpu_decode.cpp, cpu_attention.cpp) are compiled on first use with the C++ compiler PyTorch's extensions use (~5 s;
-cached in torch's extension directory, `TORCH_EXTENSIONS_DIR`) and only on x86 CPUs with
-AVX-512 VNNI; elsewhere, or if the build fails (the warning says why), `available()` is False
-and packed models keep PyTorch's weight-only kernels (and attention). LUCIDLM_CPU_KERNELS=0 turns
-them off.
+The kernels (cpu_decode.cpp, cpu_attention.cpp) are compiled on first use with the C++ compiler
+PyTorch's extensions use (~5 s; cached in torch's extension directory, `TORCH_EXTENSIONS_DIR`)
+and only on x86 CPUs with AVX-512 VNNI; elsewhere, or if the build fails (the warning says why),
+`available()` is False and packed models keep PyTorch's weight-only kernels (and attention).
+LUCIDLM_CPU_KERNELS=0 turns them off.
 """
 
 from __future__ import annotations
