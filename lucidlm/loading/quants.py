@@ -200,22 +200,28 @@ def _q6_k(blocks: np.ndarray) -> torch.Tensor:
     return _times(high.reshape(n, 16, 16).view(np.int8), scales.unsqueeze(-1)).view(n, 256)
 
 
+def _typed_blocks(raw: np.ndarray, ggml_type: int, name: str, types: tuple[str, ...],
+                  kind: str) -> tuple[str, np.ndarray]:
+    """The type's name and the tensor's blocks (N, type_size), if its type is one of `types`."""
+    check_supported(ggml_type, name)
+    t = GGML_TYPES[ggml_type]
+    if t.name not in types:
+        raise UnsupportedError(f"tensor '{name}' is {t.name}, not one of the {kind} types {types}")
+    return t.name, _blocks(raw, t.type_size)
+
+
 def affine_4bit(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...],
                 name: str = "tensor") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A Q4_0/Q4_1/Q4_K matrix as (q, scale, offset) with value = scale * q + offset per 32-group.
 
     shape (N, K) -> q (N, K) uint8 in 0..15, scale and offset (N, K/32) float32.
     """
-    check_supported(ggml_type, name)
-    t = GGML_TYPES[ggml_type]
-    if t.name not in AFFINE_4BIT_TYPES:
-        raise UnsupportedError(f"tensor '{name}' is {t.name}, not one of the 4-bit types {AFFINE_4BIT_TYPES}")
+    type_name, blocks = _typed_blocks(raw, ggml_type, name, AFFINE_4BIT_TYPES, "4-bit")
     N, K = shape
-    blocks = _blocks(raw, t.type_size)
-    if t.name == "Q4_0":  # d*(q-8)
+    if type_name == "Q4_0":  # d*(q-8)
         d = _f16(blocks, 0)
         q, scale, offset = _nibbles(blocks[:, 2:18]), d, -8 * d
-    elif t.name == "Q4_1":  # d*q + m
+    elif type_name == "Q4_1":  # d*q + m
         q, scale, offset = _nibbles(blocks[:, 4:20]), _f16(blocks, 0), _f16(blocks, 2)
     else:  # Q4_K: d*sc*q - dmin*m, sub-block by sub-block
         d, dmin = _f16(blocks, 0), _f16(blocks, 2)  # (B, 1)
@@ -231,16 +237,12 @@ def affine_5bit(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...],
                 name: str = "tensor") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A Q5_0/Q5_1 matrix as (q, scale, offset) with value = scale * q + offset per 32-group,
     as `affine_4bit` (q in 0..31): Q5_0 d*(q-16) -> scale d, offset -16 d; Q5_1 d*q + m."""
-    check_supported(ggml_type, name)
-    t = GGML_TYPES[ggml_type]
-    if t.name not in AFFINE_5BIT_TYPES:
-        raise UnsupportedError(f"tensor '{name}' is {t.name}, not one of the 5-bit types {AFFINE_5BIT_TYPES}")
+    type_name, blocks = _typed_blocks(raw, ggml_type, name, AFFINE_5BIT_TYPES, "5-bit")
     N, K = shape
-    blocks = _blocks(raw, t.type_size)
-    start = 2 if t.name == "Q5_0" else 4  # the fifth bits follow d (and m)
+    start = 2 if type_name == "Q5_0" else 4  # the fifth bits follow d (and m)
     q = np.bitwise_or(_fifth_bits(blocks[:, start:start + 4]), _nibbles(blocks[:, start + 4:start + 20]))
     d = _f16(blocks, 0)
-    offset = -16 * d if t.name == "Q5_0" else _f16(blocks, 2)
+    offset = -16 * d if type_name == "Q5_0" else _f16(blocks, 2)
     return torch.from_numpy(q).reshape(N, K), d.reshape(N, K // 32), offset.reshape(N, K // 32)
 
 
