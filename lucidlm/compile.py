@@ -76,7 +76,7 @@ CPU_OPTIONS = {"freezing": True, "max_autotune_gemm": True, "max_autotune_gemm_b
 
 # Floats the traced code reads (every norm's eps, attention scales) become constants of the
 # graph. By default Dynamo makes each one an input instead, converted to a tensor before every
-# call: ~100 conversions a SmolLM2 step, ~0.2 ms (compiled decode 272 -> 289 tok/s, session 13).
+# call: ~100 conversions a SmolLM2 step, ~0.2 ms (compiled decode 253 -> 266 tok/s, session 13).
 # They are fixed once a model is loaded (and their guards are dropped with the modules' own).
 DYNAMO_CONFIG = {"specialize_float": True}
 

@@ -1,5 +1,5 @@
 """A packed linear layer for the int8-dot kernel (`lucidlm.kernels.cpu_decode.matmul`): where the CPU has
-AVX-512 VNNI, packed models keep their 4-bit and 8-bit matrices in this form instead of
+AVX-512 VNNI, packed models keep their 4-, 5- and 8-bit matrices in this form instead of
 `packed.Int4Linear` / `packed.Int8Linear`.
 
     Int8DotLinear  W (N, K) in groups of 32 values with a scale and an offset each:
