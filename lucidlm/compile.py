@@ -66,9 +66,10 @@ from .models.fusion import fuse_projections
 # (bench/RESULTS.md). `cpp_wrapper`: the wrapper that calls the step's ~300 kernels runs as C++;
 # with our own operators (each a call through PyTorch's dispatcher from a Python wrapper) that
 # made SmolLM2's compiled decode 216 -> 235 tok/s (session 12). The price of all three: a longer
-# first compilation (~1 min more; cached on disk like the rest), and the graph may hold copies of weights that it derived at compile time, so
-# weights edited after compiling are not guaranteed to be seen (listeners and hooks, LucidLM's
-# way of editing activations, send steps through the eager forward anyway). Each model gets
+# first compilation (~1 min more; cached on disk like the rest), and the graph may hold copies
+# of weights that it derived at compile time, so weights edited after compiling are not
+# guaranteed to be seen (listeners and hooks, LucidLM's way of editing activations, send steps
+# through the eager forward anyway). Each model gets
 # graphs of its own (`_own_frame`; tests/test_compile.py interleaves two models of one shape).
 CPU_OPTIONS = {"freezing": True, "max_autotune_gemm": True, "max_autotune_gemm_backends": "CPP,ATEN",
                "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False,  # (timings not printed)

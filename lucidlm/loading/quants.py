@@ -152,13 +152,9 @@ def _dequantize_blocks(type_name: str, blocks: np.ndarray) -> torch.Tensor:
         return _times(q.view(np.int8), _f16(blocks, 0))
     if type_name == "Q4_1":
         return _times(_nibbles(blocks[:, 4:20]), _f16(blocks, 0)).add_(_f16(blocks, 2))
-    if type_name == "Q5_0":  # q - 16 as int8: the fifth bit 16 -> 0, 0 -> 240 (= -16), then | nibble
-        high = _fifth_bits(blocks[:, 2:6])
-        high -= 16
-        return _times(np.bitwise_or(high, _nibbles(blocks[:, 6:22]), out=high).view(np.int8), _f16(blocks, 0))
-    if type_name == "Q5_1":
-        high = _fifth_bits(blocks[:, 4:8])
-        return _times(np.bitwise_or(high, _nibbles(blocks[:, 8:24]), out=high), _f16(blocks, 0)).add_(_f16(blocks, 2))
+    if type_name in ("Q5_0", "Q5_1"):  # d*q + offset: exact for Q5_0 too (d*q and 16 d are, and so their difference)
+        q, d, offset = _q5_fields(type_name, blocks)
+        return _times(q, d).add_(offset)
     raise AssertionError(type_name)
 
 
@@ -239,11 +235,17 @@ def affine_5bit(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...],
     as `affine_4bit` (q in 0..31): Q5_0 d*(q-16) -> scale d, offset -16 d; Q5_1 d*q + m."""
     type_name, blocks = _typed_blocks(raw, ggml_type, name, AFFINE_5BIT_TYPES, "5-bit")
     N, K = shape
+    q, d, offset = _q5_fields(type_name, blocks)
+    return torch.from_numpy(q).reshape(N, K), d.reshape(N, K // 32), offset.reshape(N, K // 32)
+
+
+def _q5_fields(type_name: str, blocks: np.ndarray) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """Q5_0/Q5_1 blocks (N, 22 or 24) -> values q (N, 32) uint8 in 0..31, scale d and offset (N, 1)
+    float32, value = d * q + offset (Q5_0: offset -16 d)."""
     start = 2 if type_name == "Q5_0" else 4  # the fifth bits follow d (and m)
     q = np.bitwise_or(_fifth_bits(blocks[:, start:start + 4]), _nibbles(blocks[:, start + 4:start + 20]))
     d = _f16(blocks, 0)
-    offset = -16 * d if type_name == "Q5_0" else _f16(blocks, 2)
-    return torch.from_numpy(q).reshape(N, K), d.reshape(N, K // 32), offset.reshape(N, K // 32)
+    return q, d, (-16 * d if type_name == "Q5_0" else _f16(blocks, 2))
 
 
 def _q8_0_fields(blocks: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
