@@ -172,7 +172,7 @@ def _final_logits(logits: torch.Tensor, params: SamplingParams,
                   previous_ids: torch.Tensor | None) -> torch.Tensor:
     """Apply every step before the draw (see module docstring for the order)."""
     scores = logits
-    if previous_ids is not None:
+    if previous_ids is not None and params.repetition_penalty != 1:  # (1: a copy of the logits, unchanged)
         scores = apply_repetition_penalty(scores, previous_ids, params.repetition_penalty)
     if params.greedy:
         return scores

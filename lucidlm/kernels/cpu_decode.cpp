@@ -40,8 +40,11 @@ constexpr int64_t CHUNK = 64;  // values per chunk: two groups of 32
 // streaming a matrix with this much arithmetic between loads keeps too few reads in flight for
 // the memory's bandwidth: one core read ~21 GB/s of 4-bit weights where a plain read of the
 // same bytes makes ~41. Prefetching 8 KB ahead: Gemma 3 decode +16 %, SmolLM2 +10 % (1 and 4 KB
-// helped less, 16 KB too); bench/RESULTS.md.
+// helped less, 16 KB too); bench/RESULTS.md. The hint is non-temporal: each weight is read once a
+// step, and an ordinary prefetch would fill the core's L2 with them, evicting what the rest of the
+// step works on (the interpreter's and PyTorch's own data between kernel calls): decode +2-3 %.
 constexpr int64_t PREFETCH_AHEAD = 8192;
+constexpr auto PREFETCH_HINT = _MM_HINT_NTA;
 
 // float16 numbers per chunk: scales and offsets (4-, 5-bit), scales only (8-bit: offsets -128 scale)
 constexpr int64_t scales_per_chunk(int64_t bits) { return bits == 8 ? 2 : 4; }
@@ -119,7 +122,7 @@ void rows_dot(const uint8_t* weights, const uint16_t* scales, const int8_t* p, c
   // (a, b, a, b, ...) -> (a x 8, b x 8): the scale of each int32 lane's group
   const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
   for (int64_t ahead = 0; ahead < PREFETCH_AHEAD; ahead += 64)  // the start of this thread's rows
-    _mm_prefetch((const char*)(weights + n0 * row_bytes + ahead), _MM_HINT_T0);
+    _mm_prefetch((const char*)(weights + n0 * row_bytes + ahead), PREFETCH_HINT);
   for (int64_t n = n0; n < n1; n++) {
     const uint8_t* w = weights + n * row_bytes;
     constexpr int64_t SC = scales_per_chunk(BITS);
@@ -131,7 +134,7 @@ void rows_dot(const uint8_t* weights, const uint16_t* scales, const int8_t* p, c
       const float* sm = s + m * 2 * chunks;
       __m512 acc = _mm512_setzero_ps(), offsets = _mm512_setzero_ps();
       for (int64_t c = 0; c < chunks; c++) {
-        _mm_prefetch((const char*)(w + c * chunk_bytes + PREFETCH_AHEAD), _MM_HINT_T0);  // (past the end: harmless)
+        _mm_prefetch((const char*)(w + c * chunk_bytes + PREFETCH_AHEAD), PREFETCH_HINT);  // (past the end: harmless)
         const __m512i q = load_chunk<BITS>(w + c * chunk_bytes);
         __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, _mm512_loadu_si512(p1 + c * CHUNK));
         dot = _mm512_dpbusd_epi32(_mm512_slli_epi32(dot, 8), q, _mm512_loadu_si512(p2 + c * CHUNK));
@@ -146,11 +149,13 @@ void rows_dot(const uint8_t* weights, const uint16_t* scales, const int8_t* p, c
   }
 }
 
-// x (M, K) float32 times the (N, K) weight -> (M, N) float32.
-at::Tensor int8_dot_matmul(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& scales, int64_t bits) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: a contiguous (M, K) float32 tensor");
+// x (..., K) float32 times the (N, K) weight -> (..., N) float32 (x's leading dimensions kept: a
+// layer's input goes in as it is, with no reshaping and copying around the call).
+at::Tensor int8_dot_matmul(const at::Tensor& x_in, const at::Tensor& weights, const at::Tensor& scales, int64_t bits) {
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.scalar_type() == at::kFloat, "x: a float32 tensor (..., K)");
   TORCH_CHECK(bits == 4 || bits == 5 || bits == 8, "bits: 4, 5 or 8");
-  const int64_t M = x.size(0), K = x.size(1), N = weights.size(0);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, N = weights.size(0);
   TORCH_CHECK(K % CHUNK == 0, "K must be a multiple of 64");
   TORCH_CHECK(weights.scalar_type() == at::kByte && weights.is_contiguous() && weights.dim() == 2 &&
               weights.size(1) == K * bits / 8, "weights: (N, K * bits/8) uint8");
@@ -164,7 +169,9 @@ at::Tensor int8_dot_matmul(const at::Tensor& x, const at::Tensor& weights, const
   if ((int64_t)e_scratch.size() < M * K / 32) e_scratch.resize(M * K / 32), s_scratch.resize(M * K / 32);
   int8_t* p = p_scratch.data();
   float *e = e_scratch.data(), *s = s_scratch.data();
-  at::Tensor y = at::empty({M, N}, x.options());
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  at::Tensor y = at::empty(shape, x.options());
   quantize_rows(x.data_ptr<float>(), M, K, p, e, s);
   const uint8_t* w = weights.data_ptr<uint8_t>();
   const uint16_t* h = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());

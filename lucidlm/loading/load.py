@@ -216,6 +216,8 @@ def load_gguf(path: str | Path, dtype: str = "float32", progress: bool = True) -
                 module.prefill_dtype = torch.bfloat16  # prompts' attention rounded as the dense matmuls are
             if hasattr(module, "decode_kernel"):
                 module.decode_kernel = dot  # decode steps' attention: our kernel, built above
+            if hasattr(module, "cpu_kernel"):
+                module.cpu_kernel = dot  # norms and RoPE: one kernel call each instead of 4-8 operations
     model.compute_dtype = matrix_dtype
     model.eval()
     gguf.close()  # every tensor has been copied out; drop the mapped pages of the file

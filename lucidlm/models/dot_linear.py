@@ -147,15 +147,17 @@ class Int8DotLinear(nn.Module):
         return cpu_decode.dequantize(self.weights[start:stop], self.scales[start:stop], self.bits, rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if x2.shape[0] >= dense_path.DENSE_FROM_ROWS:
-            y = dense_path.dense_matmul(x2, self.out_features, self._rows_into, align=1, transposed=False)
+        if x.numel() < dense_path.DENSE_FROM_ROWS * self.in_features:  # a few rows: the kernel
+            # (x as it comes, (..., K): a decode step makes ~120 of these calls, and each reshape or
+            # conversion around them would cost ~1 us)
+            y = cpu_decode.matmul(x, self.weights, self.scales, self.bits)  # (..., N) float32
         else:
-            y = cpu_decode.matmul(x2, self.weights, self.scales, self.bits)  # (M, N) float32
+            x2 = x.reshape(-1, self.in_features)  # (M, K)
+            y = dense_path.dense_matmul(x2, self.out_features, self._rows_into, align=1, transposed=False)
+            y = y.view(*x.shape[:-1], self.out_features)
         if self.bias is not None:
             y = y + self.bias
-        return y.to(x.dtype).view(*shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def _chunk_scales(scale: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:

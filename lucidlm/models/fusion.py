@@ -95,6 +95,7 @@ def fuse_projections(model: nn.Module, release_memory: Callable[[], None] | None
                     or len({(p.in_features, getattr(p, "bits", 0)) for p in parts}) != 1:
                 continue  # mixed kinds or widths (a Q4_K q with a Q6_K v, say) or not packed
             fused = _concat_linear(parts) if kind is nn.Linear else kind.concat(parts)
+            fused.part_sizes = [p.out_features for p in parts]  # how forward splits its output (`project_qkv`)
             setattr(module, fused_name, fused)
             start = 0
             for name, part in zip(part_names, parts):

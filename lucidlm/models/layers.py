@@ -35,11 +35,14 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.cpu_kernel = False  # packed models where cpu_decode's kernels run (see loading.load)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps:g}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cpu_kernel and x.dtype == torch.float32 and not torch.compiler.is_compiling():
+            return cpu_decode.rms_norm(x, self.weight, self.eps)  # the lines below in one call
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (normed * self.weight.float()).to(x.dtype)
@@ -77,6 +80,7 @@ class RotaryEmbedding(nn.Module):
         self._last_positions: torch.Tensor | None = None
         self._last_angles: tuple[torch.Tensor, torch.Tensor] | None = None
         self._device_frequencies: torch.Tensor | None = None
+        self.cpu_kernel = False  # packed models where cpu_decode's kernels run (see loading.load)
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, base={self.base:g}, max_positions={self.max_positions}"
@@ -125,6 +129,8 @@ class RotaryEmbedding(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: (B, H, T, D); positions: (B, T) absolute positions -> rotated x, same shape."""
         cos, signed_sin = self.angles_at(positions, x.dtype)  # (B, 1, T, D)
+        if self.cpu_kernel and x.dtype == torch.float32 and not torch.compiler.is_compiling():
+            return cpu_decode.rotary(x, cos, signed_sin)  # the two lines below in one call
         swapped = torch.roll(x, shifts=x.shape[-1] // 2, dims=-1)  # (x[D/2:], x[:D/2])
         return x * cos + swapped * signed_sin
 
@@ -245,17 +251,18 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 def project_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (B, T, C) -> q (B, T, H*D), k (B, T, H_kv*D), v (B, T, H_kv*D), through `attn.qkv_proj` when set."""
-    if attn.qkv_proj is None:
+    fused = attn.qkv_proj
+    if fused is None:
         return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-    sizes = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
-    return attn.qkv_proj(x).split(sizes, dim=-1)  # one (B, T, (H + 2 H_kv) D) matmul, then views
+    return fused(x).split(fused.part_sizes, dim=-1)  # one (B, T, (H + 2 H_kv) D) matmul, then views
 
 
 def project_gate_up(mlp: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (B, T, C) -> gate (B, T, F), up (B, T, F), through `mlp.gate_up_proj` when set."""
-    if mlp.gate_up_proj is None:
+    fused = mlp.gate_up_proj
+    if fused is None:
         return mlp.gate_proj(x), mlp.up_proj(x)
-    return mlp.gate_up_proj(x).split([mlp.gate_proj.out_features, mlp.up_proj.out_features], dim=-1)
+    return fused(x).split(fused.part_sizes, dim=-1)
 
 
 class SwiGLU(nn.Module):

@@ -1,0 +1,104 @@
+"""The one-call RMSNorm and RoPE kernels (lucidlm/kernels/cpu_layer_ops.cpp) against PyTorch's
+RMSNorm and transformers' rotary embedding, and the matmul kernel's handling of its input's shape.
+
+Packed models on AVX-512 VNNI CPUs compute every norm and rotation with these (`cpu_kernel`, set by
+the loader); the whole-model comparisons with transformers (test_cpu_decode.py's tiny GGUF models,
+the Gemma 3 decode test) run through them as well.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lucidlm.kernels import cpu_decode
+
+pytestmark = pytest.mark.skipif(not cpu_decode.available(), reason="needs AVX-512 VNNI and a C++ compiler")
+
+# Only the sum of squares is added up in another order than PyTorch's: a few float32 ulps.
+NORM_TOLERANCE = dict(rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 576), (2, 7, 640), (1, 9, 1, 64), (3, 100), (1, 512, 576), (4, 1)],
+                         ids=["decode", "batch", "qk-norm", "C-not-a-multiple-of-16", "prompt", "C=1"])
+@pytest.mark.parametrize("offset", [0.0, 1.0], ids=["llama", "gemma"])
+def test_rms_norm_is_pytorchs(shape, offset):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(*shape, generator=g) * 3
+    weight = torch.randn(shape[-1], generator=g)
+    expected = F.rms_norm(x, (shape[-1],), weight + offset, eps=1e-6)
+    torch.testing.assert_close(cpu_decode.rms_norm(x, weight, 1e-6, offset), expected, **NORM_TOLERANCE)
+
+
+def test_rms_norm_takes_strided_input_and_tiny_rows():
+    x = torch.randn(2, 5, 128)[:, ::2, :64]  # neither contiguous nor dense
+    weight = torch.rand(64)
+    torch.testing.assert_close(cpu_decode.rms_norm(x, weight, 1e-5), F.rms_norm(x, (64,), weight, eps=1e-5),
+                               **NORM_TOLERANCE)
+    zeros = torch.zeros(1, 64)  # mean 0: eps alone keeps it finite, as in PyTorch
+    assert torch.equal(cpu_decode.rms_norm(zeros, weight, 1e-5), F.rms_norm(zeros, (64,), weight, eps=1e-5))
+
+
+def _hf_rotation(x: torch.Tensor, positions: torch.Tensor, base: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """transformers' rotary embedding of x (B, H, T, D) at positions (B, T), and the cos and signed sin
+    (B, 1, T, D) our kernel takes for the same angles."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    D = x.shape[-1]
+    inv_freq = 1.0 / base ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
+    angles = positions.double()[..., None] * inv_freq  # (B, T, D/2)
+    angles = torch.cat([angles, angles], dim=-1)
+    cos, sin = angles.cos().float(), angles.sin().float()  # (B, T, D)
+    rotated, _ = apply_rotary_pos_emb(x, x, cos, sin)  # unsqueezes the head dimension itself
+    signed_sin = torch.cat([-sin[..., :D // 2], sin[..., D // 2:]], dim=-1)
+    return rotated, cos.unsqueeze(1).contiguous(), signed_sin.unsqueeze(1).contiguous()
+
+
+@pytest.mark.parametrize("B,H,T,D", [(1, 9, 1, 64), (1, 3, 1, 64), (2, 4, 5, 256), (1, 2, 300, 32), (3, 1, 2, 6)])
+def test_rotary_is_transformers_rotary_embedding(B, H, T, D):
+    g = torch.Generator().manual_seed(B * H * T + D)
+    # as a model hands it over: heads viewed out of a fused q/k/v projection's output
+    fused = torch.randn(B, T, (H + 2) * D, generator=g)
+    x = fused[..., :H * D].view(B, T, H, D).transpose(1, 2)  # (B, H, T, D), not contiguous
+    positions = torch.randint(0, 30000, (B, T), generator=g)
+    expected, cos, signed_sin = _hf_rotation(x, positions, base=10000.0)
+    # the same multiplies and adds (the compiler may fuse one pair: an ulp of the largest term)
+    torch.testing.assert_close(cpu_decode.rotary(x, cos, signed_sin), expected, rtol=1e-6, atol=1e-5)
+
+
+def test_rope_module_takes_the_kernel_and_agrees_with_its_tensor_operations():
+    from lucidlm.models.layers import RotaryEmbedding
+
+    rope = RotaryEmbedding(64, 10000.0, 4096)
+    x = torch.randn(2, 9, 7, 64)
+    positions = torch.arange(100, 114).view(2, 7)
+    expected, _, _ = _hf_rotation(x, positions, base=10000.0)
+    rope.cpu_kernel = True
+    torch.testing.assert_close(rope(x, positions), expected, rtol=1e-6, atol=1e-5)
+    rope.cpu_kernel = False
+    torch.testing.assert_close(rope(x, positions), expected, rtol=1e-6, atol=1e-5)
+
+
+def test_bad_inputs_are_refused_with_a_message():
+    with pytest.raises(RuntimeError, match="weight: \\(C,\\) float32"):
+        cpu_decode.rms_norm(torch.randn(2, 8), torch.randn(7), 1e-5)
+    with pytest.raises(RuntimeError, match="float32"):
+        cpu_decode.rms_norm(torch.randn(2, 8).double(), torch.randn(8), 1e-5)
+    with pytest.raises(RuntimeError, match="cos, signed_sin"):
+        cpu_decode.rotary(torch.randn(1, 2, 3, 8), torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4))
+    with pytest.raises(RuntimeError, match="D even"):
+        cpu_decode.rotary(torch.randn(1, 2, 3, 7), torch.randn(1, 1, 3, 7), torch.randn(1, 1, 3, 7))
+
+
+def test_matmul_keeps_the_inputs_leading_dimensions_bit_for_bit():
+    """Int8DotLinear hands x (..., K) over as it is: the same numbers as the flattened (M, K) call."""
+    from lucidlm.models.dot_linear import Int8DotLinear
+
+    layer = Int8DotLinear.quantize(torch.randn(96, 128))
+    x = torch.randn(2, 3, 256)[..., ::2]  # (2, 3, 128), strided
+    flat = cpu_decode.matmul(x.reshape(6, 128).contiguous(), layer.weights, layer.scales, layer.bits)
+    shaped = layer(x)
+    assert shaped.shape == (2, 3, 96)
+    assert torch.equal(shaped.reshape(6, 96), flat)
+    assert torch.equal(layer(x[0, 0]), flat[0])  # a single vector (K,) -> (N,)
