@@ -4,8 +4,9 @@
 // Why: in a decode step each of these is a handful of PyTorch operations on a few hundred
 // numbers, and every operation costs ~1-2 us of dispatch and allocation for well under 1 us of
 // arithmetic. RMSNorm was 8 operations (~12 us), RoPE 4 (~8 us); SmolLM2 makes 61 norms and 60
-// rotations a step. The arithmetic is PyTorch's, in the same order of operations (only the sum
-// of squares is added up in a different order).
+// rotations a step. The arithmetic is PyTorch's, in the same order of operations, except that the
+// sum of squares is added up in another order and the compiler may fuse one of RoPE's multiplies
+// with its add (one rounding fewer): a few float32 ulps (tests/test_cpu_layer_ops.py).
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
