@@ -102,3 +102,38 @@ def test_matmul_keeps_the_inputs_leading_dimensions_bit_for_bit():
     assert shaped.shape == (2, 3, 96)
     assert torch.equal(shaped.reshape(6, 96), flat)
     assert torch.equal(layer(x[0, 0]), flat[0])  # a single vector (K,) -> (N,)
+
+
+def test_left_padded_batch_of_a_packed_model_matches_transformers(tmp_path):
+    """Two prompts of different lengths, the shorter left-padded, through a tiny Q4_1 GGUF model:
+    each row's RMSNorms run over its own vectors and each row's RoPE at its own positions (a prompt
+    pass of 2 x 23 rows, then decode steps), through these kernels. Every row's logits are
+    transformers' on that sequence alone."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from test_loading_gguf import VOCAB_SIZE, hf_llama_and_gguf_tensors, tiny_metadata, write_gguf
+
+    import lucidlm
+
+    hf_model, tensors = hf_llama_and_gguf_tensors(tie=True, encoding=GGMLQuantizationType.Q4_1)
+    model = lucidlm.load(str(write_gguf(tmp_path / "tiny.gguf", tiny_metadata(), tensors)), progress=False).model
+    assert all(m.cpu_kernel for m in model.modules() if hasattr(m, "cpu_kernel"))
+    rng = np.random.default_rng(3)
+    prompt_lengths, steps = [15, 23], 6
+    sequences = [torch.from_numpy(rng.integers(0, VOCAB_SIZE, size=(n + steps,))) for n in prompt_lengths]
+    width = max(prompt_lengths)
+    tokens = torch.zeros(2, width, dtype=torch.long)
+    valid = torch.zeros(2, width, dtype=torch.bool)
+    for row, (seq, n) in enumerate(zip(sequences, prompt_lengths)):
+        tokens[row, width - n:], valid[row, width - n:] = seq[:n], True
+    with torch.inference_mode():
+        cache = model.new_cache(2, width + steps)
+        ours = [model(tokens, cache, valid=valid)[:, -1]]  # (2, V): the last prompt position of each row
+        for t in range(steps - 1):
+            fed = torch.stack([seq[n + t] for seq, n in zip(sequences, prompt_lengths)])[:, None]  # (2, 1)
+            ours.append(model(fed, cache)[:, -1])
+        ours = torch.stack(ours, dim=1)  # (2, steps, V)
+        for row, (seq, n) in enumerate(zip(sequences, prompt_lengths)):
+            expected = hf_model(seq[None, :n + steps - 1]).logits[0, n - 1:].float()  # (steps, V)
+            # as the single-sequence test in test_cpu_decode.py: x's int8 rounding only
+            torch.testing.assert_close(ours[row], expected, rtol=0, atol=2e-3 * expected.abs().max().item())
