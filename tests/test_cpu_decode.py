@@ -228,8 +228,8 @@ def test_tiny_packed_model_matches_transformers(tmp_path, encoding, tie):
     model = lucidlm.load(str(write_gguf(tmp_path / "tiny.gguf", tiny_metadata(), tensors)), progress=False)
     layers = [model.model.layers[0].self_attn.qkv_proj, model.model.layers[1].mlp.down_proj]
     assert all(isinstance(m, Int8DotLinear) and m.bits == int(encoding[1]) for m in layers)
-    norms_and_rope = [m for m in model.model.modules() if hasattr(m, "cpu_kernel")]
-    assert len(norms_and_rope) == 2 * 2 + 1 + 1 and all(m.cpu_kernel for m in norms_and_rope)  # cpu_layer_ops.cpp
+    layer_ops = [m for m in model.model.modules() if hasattr(m, "cpu_kernel")]
+    assert len(layer_ops) == 2 * 3 + 1 + 1 and all(m.cpu_kernel for m in layer_ops)  # cpu_layer_ops.cpp
     if not tie:
         assert isinstance(model.model.lm_head, Int8DotLinear) and model.model.lm_head.out_features == 294
     ids = torch.from_numpy(np.random.default_rng(1).integers(0, VOCAB_SIZE, size=(48,)))

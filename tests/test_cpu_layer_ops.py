@@ -1,7 +1,8 @@
-"""The one-call RMSNorm and RoPE kernels (lucidlm/kernels/cpu_layer_ops.cpp) against PyTorch's
-RMSNorm and transformers' rotary embedding, and the matmul kernel's handling of its input's shape.
+"""The one-call RMSNorm, RoPE and gated-activation kernels (lucidlm/kernels/cpu_layer_ops.cpp)
+against PyTorch's RMSNorm and activations and transformers' rotary embedding, and the matmul
+kernel's handling of its input's shape.
 
-Packed models on AVX-512 VNNI CPUs compute every norm and rotation with these (`cpu_kernel`, set by
+Packed models on AVX-512 VNNI CPUs compute every norm, rotation and SwiGLU/GeGLU activation with these (`cpu_kernel`, set by
 the loader); the whole-model comparisons with transformers (test_cpu_decode.py's tiny GGUF models,
 the Gemma 3 decode test) run through them as well.
 """
@@ -80,6 +81,26 @@ def test_rope_module_takes_the_kernel_and_agrees_with_its_tensor_operations():
     torch.testing.assert_close(rope(x, positions), expected, rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("shape", [(1, 1, 2 * 1536), (1, 1, 2 * 2048), (2, 9, 2 * 100), (300, 2 * 8)],
+                         ids=["smollm2", "gemma3", "F-not-a-multiple-of-16", "many-rows-F-below-16"])
+def test_gated_activation_is_pytorchs(shape, activation):
+    """act(gate) * up of a fused [gate | up] output, against PyTorch's silu and tanh-form gelu, values
+    from tiny to large of both signs (e^-|x| never overflows)."""
+    g = torch.Generator().manual_seed(shape[-1])
+    gate_up = torch.randn(*shape, generator=g) * 4
+    gate_up[..., :6] = torch.tensor([0.0, -0.0, 1e-7, -1e-7, 90.0, -90.0])
+    gate, up = gate_up.chunk(2, dim=-1)
+    act = F.silu(gate) if activation == "silu" else F.gelu(gate, approximate="tanh")
+    expected, ours = act * up, cpu_decode.gated_activation(gate_up, activation)
+    # Our exponential against SLEEF's, then a division: a few float32 ulps of each product, and where
+    # GELU is near 0 (gate << 0) its 1 + tanh(...) cancels, in PyTorch too: an ulp of 1 (2^-23) times
+    # |gate up| / 2 apart at most.
+    bound = 3e-6 * expected.abs() + 2**-23 * (gate * up).abs() + 1e-30
+    assert ours.shape == expected.shape
+    assert ((ours - expected).abs() <= bound).all(), float(((ours - expected).abs() / bound).max())
+
+
 def test_bad_inputs_are_refused_with_a_message():
     with pytest.raises(RuntimeError, match="weight: \\(C,\\) float32"):
         cpu_decode.rms_norm(torch.randn(2, 8), torch.randn(7), 1e-5)
@@ -87,6 +108,10 @@ def test_bad_inputs_are_refused_with_a_message():
         cpu_decode.rms_norm(torch.randn(2, 8).double(), torch.randn(8), 1e-5)
     with pytest.raises(RuntimeError, match="cos, signed_sin"):
         cpu_decode.rotary(torch.randn(1, 2, 3, 8), torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4))
+    with pytest.raises(RuntimeError, match="gate_up"):
+        cpu_decode.gated_activation(torch.randn(2, 7), "silu")
+    with pytest.raises(KeyError):
+        cpu_decode.gated_activation(torch.randn(2, 8), "relu")
     with pytest.raises(RuntimeError, match="D even"):
         cpu_decode.rotary(torch.randn(1, 2, 3, 7), torch.randn(1, 1, 3, 7), torch.randn(1, 1, 3, 7))
 
@@ -117,7 +142,7 @@ def test_left_padded_batch_of_a_packed_model_matches_transformers(tmp_path):
 
     hf_model, tensors = hf_llama_and_gguf_tensors(tie=True, encoding=GGMLQuantizationType.Q4_1)
     model = lucidlm.load(str(write_gguf(tmp_path / "tiny.gguf", tiny_metadata(), tensors)), progress=False).model
-    assert all(m.cpu_kernel for m in model.modules() if hasattr(m, "cpu_kernel"))
+    assert all(m.cpu_kernel for m in model.modules() if hasattr(m, "cpu_kernel"))  # norms, RoPE, MLPs
     rng = np.random.default_rng(3)
     prompt_lengths, steps = [15, 23], 6
     sequences = [torch.from_numpy(rng.integers(0, VOCAB_SIZE, size=(n + steps,))) for n in prompt_lengths]

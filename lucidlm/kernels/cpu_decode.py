@@ -29,9 +29,10 @@ cache, float32 (its docstring says why).
 
 4. `argmax`: the index of each row's largest value (greedy decoding), ~10x PyTorch's reduction.
 
-5. `rms_norm`, `rotary` (cpu_layer_ops.cpp): a layer's RMSNorm and RoPE, each in one call instead
-of 4-8 tensor operations, the same float32 arithmetic (a decode step pays ~1-2 us per operation
-for a few hundred numbers; SmolLM2 makes 61 norms and 60 rotations a step).
+5. `rms_norm`, `rotary`, `gated_activation` (cpu_layer_ops.cpp): a layer's RMSNorm, RoPE and
+SwiGLU/GeGLU activation, each in one call instead of 3-8 tensor operations, the same float32
+arithmetic (a decode step pays ~1-2 us per operation for a few thousand numbers at most; SmolLM2
+makes 61 norms, 60 rotations and 30 activations a step).
 
 The kernels (cpu_decode.cpp, cpu_attention.cpp, cpu_layer_ops.cpp) are compiled on first use with the C++ compiler
 PyTorch's extensions use (~5 s; cached in torch's extension directory, `TORCH_EXTENSIONS_DIR`)
@@ -43,6 +44,7 @@ LUCIDLM_CPU_KERNELS=0 turns them off.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import platform
 import warnings
@@ -52,6 +54,7 @@ import torch
 
 SOURCES = [str(Path(__file__).with_name(name)) for name in ("cpu_decode.cpp", "cpu_attention.cpp", "cpu_layer_ops.cpp")]
 CHUNK = 64  # values per chunk of the layout: two groups of 32
+HEADERS = [Path(__file__).with_name("vector_math.h")]  # included by the sources
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-fopenmp"]
 
 
@@ -76,7 +79,9 @@ def available() -> bool:
         return True
     try:
         from torch.utils import cpp_extension
-        cpp_extension.load(name="lucidlm_cpu_decode", sources=SOURCES, extra_cflags=FLAGS,
+        # PyTorch rebuilds when a source or a flag changes, not a header: the headers' hash is a flag
+        headers = hashlib.sha256(b"".join(path.read_bytes() for path in HEADERS)).hexdigest()[:16]
+        cpp_extension.load(name="lucidlm_cpu_decode", sources=SOURCES, extra_cflags=FLAGS + [f"-DLUCIDLM_HEADERS={headers}"],
                            extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as error:  # no compiler, no ninja, a compiler error: PyTorch's kernels instead
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
@@ -89,6 +94,8 @@ def available() -> bool:
     torch.library.register_fake("lucidlm_kernels::argmax", lambda x: x.new_empty(x.shape[0], dtype=torch.long))
     for name in ("rms_norm", "rotary"):  # (the models call these eagerly only; traced, their tensor operations)
         torch.library.register_fake(f"lucidlm_kernels::{name}", lambda x, *rest: torch.empty_like(x, memory_format=torch.contiguous_format))
+    torch.library.register_fake("lucidlm_kernels::gated_activation",
+                                lambda x, act: x.new_empty(*x.shape[:-1], x.shape[-1] // 2))
     return True
 
 
@@ -115,6 +122,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: f
     """x / sqrt(mean(x²) + eps) * (weight + weight_offset) over the last dimension of x (..., C) float32
     on the CPU; weight (C,) float32. weight_offset 1 is Gemma's norm (its weights are stored minus one)."""
     return torch.ops.lucidlm_kernels.rms_norm(x, weight, eps, weight_offset)
+
+
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}  # gated_activation's `act` numbers
+
+
+def gated_activation(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) * up for the output of a fused [gate | up] projection, gate_up (..., 2F) float32 on the
+    CPU -> (..., F): SwiGLU's activation ("silu") or GeGLU's ("gelu_tanh", GELU's tanh form)."""
+    return torch.ops.lucidlm_kernels.gated_activation(gate_up, ACTIVATIONS[activation])
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:

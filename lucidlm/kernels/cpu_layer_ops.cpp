@@ -1,18 +1,23 @@
-// A layer's small float32 operations, each as one call: RMSNorm and the rotary embedding
-// (cpu_decode.py says when they are used; cpu_decode.cpp has the operator library this joins).
+// A layer's small float32 operations, each as one call: RMSNorm, the rotary embedding and the
+// gated activation of a SwiGLU/GeGLU feed-forward (cpu_decode.py says when they are used; cpu_decode.cpp has the operator library this joins).
 //
 // Why: in a decode step each of these is a handful of PyTorch operations on a few hundred
 // numbers, and every operation costs ~1-2 us of dispatch and allocation for well under 1 us of
-// arithmetic. RMSNorm was 8 operations (~12 us), RoPE 4 (~8 us); SmolLM2 makes 61 norms and 60
-// rotations a step. The arithmetic is PyTorch's, in the same order of operations, except that the
-// sum of squares is added up in another order and the compiler may fuse one of RoPE's multiplies
-// with its add (one rounding fewer): a few float32 ulps (tests/test_cpu_layer_ops.py).
+// arithmetic. RMSNorm was 8 operations (~12 us), RoPE 4 (~8 us), split + silu + multiply 3; SmolLM2
+// makes 61 norms, 60 rotations and 30 activations a step. The arithmetic is PyTorch's, in the same order of operations, except that the
+// sum of squares is added up in another order, the compiler may fuse one of RoPE's multiplies
+// with its add (one rounding fewer), and the activations' exponential is our own (vector_math.h;
+// PyTorch's is SLEEF's): a few float32 ulps (tests/test_cpu_layer_ops.py).
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <immintrin.h>
+#include <algorithm>
 #include <cmath>
+#include <vector>
+
+#include "vector_math.h"  // exp_nonpositive
 
 namespace {
 
@@ -79,14 +84,67 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
   return out;
 }
 
+// act(gate) * up for the output of a fused [gate | up] projection: gate_up (..., 2F) float32 ->
+// (..., F). act 0: SiLU, x sigmoid(x) (SwiGLU); 1: GELU's tanh form, x/2 (1 + tanh(sqrt(2/pi)
+// (x + 0.044715 x³))) (GeGLU). Both from e = e^-|y| (never overflows): sigmoid(x) = 1 / (1 + e)
+// for x >= 0, e / (1 + e) below (y = x); tanh(y) = ±(1 - e) / (1 + e) (y = 2 |...|, the sign of y).
+inline __m512 activation(__m512 x, int64_t act) {
+  const __m512 one = _mm512_set1_ps(1.f), zero = _mm512_setzero_ps();
+  if (act == 0) {
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(zero, _mm512_abs_ps(x)));
+    const __m512 sigmoid = _mm512_div_ps(_mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, zero, _CMP_GE_OQ), e, one),
+                                         _mm512_add_ps(one, e));
+    return _mm512_mul_ps(x, sigmoid);
+  }
+  const __m512 inner = _mm512_mul_ps(_mm512_set1_ps(0.7978845608f),  // sqrt(2/pi)
+                                     _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), x), _mm512_mul_ps(x, x), x));
+  const __m512 e = exp_nonpositive(_mm512_mul_ps(_mm512_set1_ps(-2.f), _mm512_abs_ps(inner)));
+  __m512 tanh = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+  tanh = _mm512_mask_sub_ps(tanh, _mm512_cmp_ps_mask(inner, zero, _CMP_LT_OQ), zero, tanh);
+  return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), _mm512_add_ps(one, tanh));
+}
+
+at::Tensor gated_activation(const at::Tensor& gate_up_in, int64_t act) {
+  TORCH_CHECK(gate_up_in.scalar_type() == at::kFloat && gate_up_in.dim() >= 1 && gate_up_in.size(-1) % 2 == 0,
+              "gate_up: a float32 tensor (..., 2F)");
+  TORCH_CHECK(act == 0 || act == 1, "act: 0 (SiLU) or 1 (GELU, tanh form)");
+  const at::Tensor gate_up = gate_up_in.contiguous();
+  const int64_t F = gate_up.size(-1) / 2, rows = F ? gate_up.numel() / (2 * F) : 0;
+  std::vector<int64_t> shape(gate_up.sizes().begin(), gate_up.sizes().end());
+  shape.back() = F;
+  at::Tensor out = at::empty(shape, gate_up.options());
+  const float* src = gate_up.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(F, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+      const float* gate = src + r * 2 * F;
+      const float* up = gate + F;
+      float* o = dst + r * F;
+      int64_t i = 0;
+      for (; i + 16 <= F; i += 16)
+        _mm512_storeu_ps(o + i, _mm512_mul_ps(activation(_mm512_loadu_ps(gate + i), act), _mm512_loadu_ps(up + i)));
+      if (i < F) {  // the last F % 16 values, through a full vector in a local copy
+        alignas(64) float g[16] = {0}, u[16] = {0}, y[16];
+        std::copy(gate + i, gate + F, g);
+        std::copy(up + i, up + F, u);
+        _mm512_store_ps(y, _mm512_mul_ps(activation(_mm512_load_ps(g), act), _mm512_load_ps(u)));
+        std::copy(y, y + (F - i), o + i);
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lucidlm_kernels, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps, float weight_offset) -> Tensor");
   m.def("rotary(Tensor x, Tensor cos, Tensor signed_sin) -> Tensor");
+  m.def("gated_activation(Tensor gate_up, int act) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lucidlm_kernels, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("rotary", &rotary);
+  m.impl("gated_activation", &gated_activation);
 }

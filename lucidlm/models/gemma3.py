@@ -125,8 +125,12 @@ class GeGLU(nn.Module):
         self.up_proj = nn.Linear(d_model, d_ff, bias=False)
         self.down_proj = nn.Linear(d_ff, d_model, bias=False)
         self.gate_up_proj: nn.Module | None = None  # packed models: gate and up stacked (see layers.project_gate_up)
+        self.cpu_kernel = False  # packed models where cpu_decode's kernels run (see loading.load)
 
     def forward(self, x):
+        if self.cpu_kernel and self.gate_up_proj is not None and x.dtype == torch.float32 \
+                and not torch.compiler.is_compiling():  # the split, gelu and product in one call
+            return self.down_proj(cpu_decode.gated_activation(self.gate_up_proj(x), "gelu_tanh"))
         gate, up = project_gate_up(self, x)  # (B, T, F) each
         return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 

@@ -274,8 +274,12 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
         self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
         self.gate_up_proj: nn.Module | None = None  # packed models: gate and up stacked (see project_gate_up)
+        self.cpu_kernel = False  # packed models where cpu_decode's kernels run (see loading.load)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cpu_kernel and self.gate_up_proj is not None and x.dtype == torch.float32 \
+                and not torch.compiler.is_compiling():  # the split, silu and product in one call
+            return self.down_proj(cpu_decode.gated_activation(self.gate_up_proj(x), "silu"))
         gate, up = project_gate_up(self, x)  # (B, T, F) each
         return self.down_proj(F.silu(gate) * up)
 
