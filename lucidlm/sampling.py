@@ -112,12 +112,27 @@ def apply_repetition_penalty(logits: torch.Tensor, previous_ids: torch.Tensor,
     return scores.scatter_(-1, ids, penalised)
 
 
+SHIFT_BELOW = 1e-3  # apply_temperature: temperatures below this divide logits less their row maximum
+
+
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Divide logits [..., V] by temperature (> 0): below 1 sharpens, above 1 flattens."""
+    """Divide logits [..., V] by temperature (> 0): below 1 sharpens, above 1 flattens.
+
+    Below SHIFT_BELOW each row's largest finite logit is subtracted first: the same distribution,
+    but a tiny temperature (1e-30, say) would otherwise turn every logit into ±inf (float32 has no
+    larger numbers), and softmax(inf - inf) is NaN. Shifted, the best logits stay 0 and the rest
+    go to -inf: the argmax, ties shared, as the limit of a vanishing temperature should be. A
+    temperature below 1e-30 divides as 1e-30 (float32 would round it to 0), which gives the same
+    distribution: distinct float32 logits of a model differ by far more than 1e-30 x 100.
+    """
     _check("temperature", temperature)
     if temperature == 0:
         raise InvalidArgumentError("temperature must be > 0 here (0 means greedy: use argmax)")
-    return _float_copy(logits) / temperature
+    scores = _float_copy(logits)
+    if temperature < SHIFT_BELOW:
+        best = scores.masked_fill(~scores.isfinite(), -math.inf).amax(dim=-1, keepdim=True)
+        scores -= torch.where(best.isfinite(), best, torch.zeros_like(best))  # (a row with no finite logit: as is)
+    return scores / max(temperature, 1e-30)
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:

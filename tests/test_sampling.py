@@ -409,3 +409,17 @@ def test_top_p_property(values, p):
     assert probs[list(survivors)].sum() >= p - 1e-5
     clearly_above_least = [i for i in survivors if probs[i] > least_kept + ROUNDING]
     assert probs[clearly_above_least].sum() < p + 1e-5
+
+
+@pytest.mark.parametrize("temperature", [1e-149, 1e-30, 1e-6, 5e-4, 2e-3])
+def test_tiny_temperatures_give_the_limit_distribution_not_nan(temperature):
+    """logits / 1e-30 overflows float32 (the server's fuzz test once sent 4e-149): the distribution
+    must still be softmax(logits / T), here computed in float64 (no overflow down to ~1e-300):
+    the argmax, ties shared, and for not-so-tiny T the near-ties still in play."""
+    logits = torch.tensor([[3.0, -1.0, 2.9999, -math.inf], [5.0, 5.0, 1.0, 0.0], [-math.inf] * 3 + [-2.0]])
+    expected = torch.softmax(logits.double() / temperature, dim=-1).float()
+    params = SamplingParams(temperature=temperature, seed=0)
+    torch.testing.assert_close(probabilities_after_filters(logits, params), expected, rtol=1e-5, atol=1e-6)
+    draws = torch.stack([make_sampler(params)(logits) for _ in range(20)])  # (20, 3)
+    assert (draws[:, 0] == 0).all() if temperature < 1e-4 else set(draws[:, 0].tolist()) <= {0, 2}
+    assert set(draws[:, 1].tolist()) <= {0, 1} and (draws[:, 2] == 3).all()
