@@ -1,9 +1,10 @@
 """Compiling the decode step with torch.compile (opt-in: `load(..., compile=True)`, `--compile`).
 
 A batch-1 decode step of a small model on a CPU is as much overhead as arithmetic: SmolLM2's
-30 blocks run ~600 small PyTorch operations per token (norms, RoPE, dtype conversions around
-each int4 matmul, residual adds), each paying Python and dispatcher costs of a few
-microseconds. torch.compile traces the whole forward pass once into a graph, and Inductor
+30 blocks run ~850 PyTorch operations per token (views, slices and cache writes, residual adds,
+and the matmul, norm, RoPE and activation kernels; where those kernels do not run, each norm and
+rotation is several operations more), each paying Python and dispatcher costs of a microsecond or
+more, and the modules around them their Python calls. torch.compile traces the whole forward pass once into a graph, and Inductor
 fuses the elementwise work into a few generated C++ loops; the matmul kernels stay the same
 (`bench/RESULTS.md` has the measured effect).
 
