@@ -59,3 +59,25 @@ def test_hook_points_and_logit_lens(pair):
 def test_cuda_graph_decode_matches_reference(pair):
     hf, ours = pair
     assert_cuda_graph_decode_matches_reference(ours, hf, random_tokens(2, 16), prefill=5)
+
+
+def test_decode_steps_read_only_the_window(pair, monkeypatch):
+    """Past the window a decode step's attention gets only the last WINDOW key slots (the others are
+    masked anyway: `layers.window_of_keys`), and still matches the uncached logits (above)."""
+    import torch
+
+    import lucidlm.models.llama as llama
+
+    _, ours = pair
+    seen = []
+    real = llama.scaled_dot_product_attention
+    monkeypatch.setattr(llama, "scaled_dot_product_attention",
+                        lambda q, k, v, mask, **kw: seen.append((q.shape[2], k.shape[2])) or real(q, k, v, mask, **kw))
+    tokens = random_tokens(1, 10)
+    with torch.inference_mode():
+        cache = ours.new_cache(1, 10)
+        ours(tokens[:, :6], cache)
+        for t in range(6, 10):
+            ours(tokens[:, t:t + 1], cache)
+    assert seen[:2] == [(6, 6)] * 2  # the prompt pass: every slot (its queries need different windows)
+    assert seen[2:] == [(1, WINDOW)] * 8  # 4 steps x 2 layers

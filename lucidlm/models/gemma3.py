@@ -29,7 +29,7 @@ from ..cache import KVCache
 from ..introspect.hook_point import HookPoint
 from ..kernels import cpu_decode
 from .layers import (Embedding, RotaryEmbedding, pass_positions, project_gate_up, project_qkv,
-                     scaled_dot_product_attention)
+                     scaled_dot_product_attention, window_of_keys)
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,7 @@ class Attention(nn.Module):
         self.qkv_proj: nn.Module | None = None  # packed models: q, k, v stacked (see layers.project_qkv)
         self.q_norm = GemmaRMSNorm(cfg.head_dim, cfg.norm_eps)
         self.k_norm = GemmaRMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.window = None if self.is_global else cfg.sliding_window  # local layers: the last W slots
         self.explicit = False
         self.prefill_dtype: torch.dtype | None = None  # set for packed models (see loading.load)
         self.decode_kernel = False  # decode steps through cpu_decode's attention (packed models, see loading.load)
@@ -108,8 +109,10 @@ class Attention(nn.Module):
         q, k = self.hook_rot_q(rope(q, positions)), self.hook_rot_k(rope(k, positions))
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)  # (B, H_kv, S, D)
-        z, _ = scaled_dot_product_attention(q, k, v, mask, scale=self.scale,
-                                            explicit=self.explicit or self.hook_pattern.active,
+        explicit = self.explicit or self.hook_pattern.active  # (the pattern is over every key slot)
+        if not explicit:
+            k, v, mask = window_of_keys(k, v, mask, self.window, cache)
+        z, _ = scaled_dot_product_attention(q, k, v, mask, scale=self.scale, explicit=explicit,
                                             weights_hook=self.hook_pattern, prefill_dtype=self.prefill_dtype,
                                             decode_kernel=self.decode_kernel)
         z = self.hook_z(z)  # (B, H, T, D)

@@ -203,6 +203,22 @@ def attention_mask(valid: torch.Tensor, query_slots: torch.Tensor, window: int |
     return allowed[:, None]  # (B, 1, T, S)
 
 
+def window_of_keys(k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, window: int | None,
+                   cache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A decode step's keys, values and mask cut to the last `window` slots, where a sliding window
+    hides every earlier one: the new query sits in the last slot and sees keys in slots > its own
+    minus `window` (`attention_mask`), so the rest need not be read at all. (Gemma 3's local layers
+    at 1,500 positions would otherwise read 3x the keys they use.) Anything else is returned as it
+    is: no window, a pass of several queries, a static cache (whose query slot is not the last), the
+    traced code of torch.compile (whose graphs keep one shape rule). k, v: (B, H_kv, S, D); mask
+    (B, 1, 1, S) bool.
+    """
+    if (window is None or cache is None or k.shape[2] <= window or mask is None or mask.shape[2] != 1
+            or cache.static or torch.compiler.is_compiling()):
+        return k, v, mask
+    return k[:, :, -window:], v[:, :, -window:], mask[..., -window:]
+
+
 def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                                  scale: float, explicit: bool = False,
                                  weights_hook: Callable[[torch.Tensor], torch.Tensor] | None = None,

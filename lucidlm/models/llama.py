@@ -26,7 +26,8 @@ from torch import nn
 from ..cache import KVCache
 from ..introspect.hook_point import HookPoint
 from .layers import (Embedding, FrequencyRotaryEmbedding, RMSNorm, RotaryEmbedding, SwiGLU, llama3_scaled_inv_freq,
-                     pass_positions, project_qkv, rope_inv_freq, scaled_dot_product_attention)
+                     pass_positions, project_qkv, rope_inv_freq, scaled_dot_product_attention,
+                     window_of_keys)
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class Attention(nn.Module):
         # Packed models: q, k, v stacked into one layer, rows [q | k | v] (`models.fusion.fuse_projections`;
         # q_proj, k_proj, v_proj then view its rows). None: the three layers compute.
         self.qkv_proj: nn.Module | None = None
+        self.window = cfg.sliding_window  # keys at most this many slots back (Mistral), or None
         self.explicit = False  # True: materialise attention weights (see scaled_dot_product_attention)
         self.prefill_dtype: torch.dtype | None = None  # set for packed models (see loading.load)
         self.decode_kernel = False  # decode steps through cpu_decode's attention (packed models, see loading.load)
@@ -93,9 +95,11 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)  # (B, H_kv, S, D)
         # The weights exist only on the explicit path: take it when asked to, or when a
-        # listener wants to see (or edit) this layer's pattern.
-        z, _ = scaled_dot_product_attention(q, k, v, mask, scale=self.head_dim**-0.5,
-                                            explicit=self.explicit or self.hook_pattern.active,
+        # listener wants to see (or edit) this layer's pattern (over every key slot).
+        explicit = self.explicit or self.hook_pattern.active
+        if not explicit:
+            k, v, mask = window_of_keys(k, v, mask, self.window, cache)
+        z, _ = scaled_dot_product_attention(q, k, v, mask, scale=self.head_dim**-0.5, explicit=explicit,
                                             weights_hook=self.hook_pattern, prefill_dtype=self.prefill_dtype,
                                             decode_kernel=self.decode_kernel)
         z = self.hook_z(z)  # (B, H, T, D)
