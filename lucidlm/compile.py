@@ -28,7 +28,9 @@ as fast as PyTorch's kernel for one row). Our own kernels (`kernels.cpu_decode`)
 the graph calls as they are.
 
 Compiling costs time once (about a minute for SmolLM2 or Gemma 3 on 2 cores; Inductor caches
-the result on disk, so a later process takes 15-20 s). If compilation fails (no C++ compiler, an
+the result on disk, so a later process takes 12-16 s: freezing makes AOTAutograd skip its own
+cache, "Cannot cache a graph with freezing enabled", and Dynamo traces the step again; without
+freezing 4-7 s, but decode ~4 % slower, bench/RESULTS.md "Session 14"). If compilation fails (no C++ compiler, an
 unsupported operation), a warning says why and the model stays eager.
 
 On a CUDA GPU the decode steps are, in addition, replayed from CUDA graphs
