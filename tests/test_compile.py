@@ -283,3 +283,27 @@ def test_failure_reasons_say_what_went_wrong():
                                "('/nonexistent/g++',)\n\nSet TORCHDYNAMO_VERBOSE=1 for the internal stack trace")
     assert _failure_reason(no_compiler).startswith("InvalidCxxCompiler: No working C++ compiler found")
     assert _failure_reason(RuntimeError("")) == "RuntimeError"
+
+
+def test_compiled_sliding_window_decode_matches_transformers_across_the_window(tmp_path):
+    """A tiny Mistral (window 4): compiled decode steps cut the keys to the window with one formula for
+    any cache length (`layers.window_of_keys`), so crossing the window needs no new graph, and every
+    step gives transformers' logits."""
+    from torch._dynamo.utils import counters
+    from transformers import MistralConfig
+
+    from tiny_hf import load_ours, save_tiny
+
+    cfg = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                        sliding_window=4, bos_token_id=0, eos_token_id=0)
+    hf = save_tiny(cfg, tmp_path)
+    ours = load_ours(tmp_path)
+    compile_decode(ours, progress=False)
+    prompt, continuation = [5, 17], [7, 60, 12, 88, 3, 19, 50, 1]  # decode steps at 3..10 cache slots
+    decode_logits(ours, prompt, continuation[:1])  # compiles the step's graph (at 3 slots, within the window)
+    graphs = counters["stats"]["unique_graphs"]
+    actual = decode_logits(ours, prompt, continuation)
+    assert ours.forward.state == "compiled" and counters["stats"]["unique_graphs"] == graphs
+    expected = hf_logits(hf, prompt + continuation)[len(prompt) - 1:]
+    torch.testing.assert_close(actual, expected, atol=ATOL, rtol=0)

@@ -209,14 +209,20 @@ def window_of_keys(k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, 
     hides every earlier one: the new query sits in the last slot and sees keys in slots > its own
     minus `window` (`attention_mask`), so the rest need not be read at all. (Gemma 3's local layers
     at 1,500 positions would otherwise read 3x the keys they use.) Anything else is returned as it
-    is: no window, a pass of several queries, a static cache (whose query slot is not the last), the
-    traced code of torch.compile (whose graphs keep one shape rule). k, v: (B, H_kv, S, D); mask
-    (B, 1, 1, S) bool.
+    is: no window, a pass of several queries, a static cache (whose query slot is not the last).
+    k, v: (B, H_kv, S, D); mask (B, 1, 1, S) bool.
+
+    The first kept slot is max(S - window, 0), written with `torch.sym_max` so that a compiled
+    graph, whose S is a symbol, holds one formula for both sides of S = window instead of a guard
+    (and a recompilation mid-generation when the cache outgrows the window).
     """
-    if (window is None or cache is None or k.shape[2] <= window or mask is None or mask.shape[2] != 1
-            or cache.static or torch.compiler.is_compiling()):
+    if window is None or cache is None or mask is None or mask.shape[2] != 1 or cache.static:
         return k, v, mask
-    return k[:, :, -window:], v[:, :, -window:], mask[..., -window:]
+    S = k.shape[2]
+    if not torch.compiler.is_compiling() and S <= window:
+        return k, v, mask  # (eager: nothing to cut, and three views fewer)
+    first = torch.sym_max(S - window, 0)
+    return k.narrow(2, first, S - first), v.narrow(2, first, S - first), mask.narrow(-1, first, S - first)
 
 
 def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
