@@ -334,3 +334,19 @@ def test_greedy_sampler_takes_the_kernel_and_agrees():
     logits = torch.randn(2, 5000)
     assert cpu_decode.loaded()
     assert torch.equal(make_sampler(SamplingParams())(logits), logits.argmax(-1))
+
+
+def test_a_slow_build_is_announced_and_a_cached_one_is_not(monkeypatch):
+    """The first load builds the kernels (~5-10 s): a line on stderr says so after a second; when they
+    come from PyTorch's cache (or are loaded already) nothing is printed."""
+    import io
+    import time
+
+    monkeypatch.setattr(cpu_decode, "loaded", lambda: False)
+    for seconds, announced in ((0.3, True), (0.0, False)):
+        monkeypatch.setattr(cpu_decode, "available", lambda s=seconds: time.sleep(s) or True)
+        stream = io.StringIO()
+        assert cpu_decode.available_with_notice(delay=0.1, stream=stream)
+        assert (cpu_decode.BUILD_NOTICE in stream.getvalue()) == announced
+    stream = io.StringIO()
+    assert cpu_decode.available_with_notice(enabled=False, delay=0.0, stream=stream) and stream.getvalue() == ""

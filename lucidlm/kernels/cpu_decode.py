@@ -47,6 +47,8 @@ import functools
 import hashlib
 import os
 import platform
+import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -97,6 +99,22 @@ def available() -> bool:
     torch.library.register_fake("lucidlm_kernels::gated_activation",
                                 lambda x, act: x.new_empty(*x.shape[:-1], x.shape[-1] // 2))
     return True
+
+
+BUILD_NOTICE = "Building LucidLM's CPU decode kernels (first use only, ~5-10 s; cached afterwards)..."
+
+
+def available_with_notice(enabled: bool = True, delay: float = 1.0, stream=None) -> bool:
+    """`available()`, and if that takes longer than `delay` seconds (building the kernels: their first
+    use, or after an upgrade), a line on stderr saying so, so that a first load does not look hung."""
+    if not enabled or loaded():
+        return available()
+    notice = threading.Timer(delay, lambda: print(BUILD_NOTICE, file=stream or sys.stderr, flush=True))
+    notice.start()
+    try:
+        return available()
+    finally:
+        notice.cancel()
 
 
 def loaded() -> bool:

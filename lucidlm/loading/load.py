@@ -158,7 +158,7 @@ def load_gguf(path: str | Path, dtype: str = "float32", progress: bool = True) -
 
     # Where the CPU has AVX-512 VNNI, packed matrices whose rows are whole chunks of 64 take the
     # int8-dot kernel's layout (`models.dot_linear`); elsewhere PyTorch's weight-only kernels'.
-    dot = dtype == "packed" and cpu_decode.available()
+    dot = dtype == "packed" and cpu_decode.available_with_notice(progress)
     for n, (g, ours) in enumerate(names.items()):
         info = gguf.tensors[g]
         module_name = ours.removesuffix(".weight")
