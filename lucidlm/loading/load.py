@@ -217,7 +217,7 @@ def load_gguf(path: str | Path, dtype: str = "float32", progress: bool = True) -
             if hasattr(module, "decode_kernel"):
                 module.decode_kernel = dot  # decode steps' attention: our kernel, built above
             if hasattr(module, "cpu_kernel"):
-                module.cpu_kernel = dot  # norms and RoPE: one kernel call each instead of 4-8 operations
+                module.cpu_kernel = dot  # norms, RoPE, gated activations: one kernel call each (layers.takes_cpu_kernel)
     model.compute_dtype = matrix_dtype
     model.eval()
     gguf.close()  # every tensor has been copied out; drop the mapped pages of the file

@@ -29,7 +29,7 @@ from ..cache import KVCache
 from ..introspect.hook_point import HookPoint
 from ..kernels import cpu_decode
 from .layers import (Embedding, RotaryEmbedding, pass_positions, project_gate_up, project_qkv,
-                     scaled_dot_product_attention, window_of_keys)
+                     scaled_dot_product_attention, takes_cpu_kernel, window_of_keys)
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class GemmaRMSNorm(nn.Module):
         self.cpu_kernel = False  # packed models where cpu_decode's kernels run (see loading.load)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cpu_kernel and x.dtype == torch.float32 and not torch.compiler.is_compiling():
+        if takes_cpu_kernel(self, x):
             return cpu_decode.rms_norm(x, self.weight, self.eps, weight_offset=1.0)  # the lines below in one call
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -131,8 +131,7 @@ class GeGLU(nn.Module):
         self.cpu_kernel = False  # packed models where cpu_decode's kernels run (see loading.load)
 
     def forward(self, x):
-        if self.cpu_kernel and self.gate_up_proj is not None and x.dtype == torch.float32 \
-                and not torch.compiler.is_compiling():  # the split, gelu and product in one call
+        if self.gate_up_proj is not None and takes_cpu_kernel(self, x):  # the split, gelu and product in one call
             return self.down_proj(cpu_decode.gated_activation(self.gate_up_proj(x), "gelu_tanh"))
         gate, up = project_gate_up(self, x)  # (B, T, F) each
         return self.down_proj(F.gelu(gate, approximate="tanh") * up)

@@ -24,6 +24,14 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def takes_cpu_kernel(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `module` computes on x with one of `cpu_decode`'s layer kernels (one call for a norm,
+    a rotation or an activation): the packed loader set its `cpu_kernel` (AVX-512 VNNI, kernels
+    built), x is float32 (their only type), and the code runs eagerly (traced by torch.compile, the
+    tensor operations stay, for Inductor to fuse)."""
+    return module.cpu_kernel and x.dtype == torch.float32 and not torch.compiler.is_compiling()
+
+
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x²) + eps) * weight  (Zhang & Sennrich 2019, arXiv:1910.07467).
 
@@ -41,7 +49,7 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps:g}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cpu_kernel and x.dtype == torch.float32 and not torch.compiler.is_compiling():
+        if takes_cpu_kernel(self, x):
             return cpu_decode.rms_norm(x, self.weight, self.eps)  # the lines below in one call
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -129,7 +137,7 @@ class RotaryEmbedding(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: (B, H, T, D); positions: (B, T) absolute positions -> rotated x, same shape."""
         cos, signed_sin = self.angles_at(positions, x.dtype)  # (B, 1, T, D)
-        if self.cpu_kernel and x.dtype == torch.float32 and not torch.compiler.is_compiling():
+        if takes_cpu_kernel(self, x):
             return cpu_decode.rotary(x, cos, signed_sin)  # the two lines below in one call
         swapped = torch.roll(x, shifts=x.shape[-1] // 2, dims=-1)  # (x[D/2:], x[:D/2])
         return x * cos + swapped * signed_sin
@@ -299,8 +307,7 @@ class SwiGLU(nn.Module):
         self.cpu_kernel = False  # packed models where cpu_decode's kernels run (see loading.load)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cpu_kernel and self.gate_up_proj is not None and x.dtype == torch.float32 \
-                and not torch.compiler.is_compiling():  # the split, silu and product in one call
+        if self.gate_up_proj is not None and takes_cpu_kernel(self, x):  # the split, silu and product in one call
             return self.down_proj(cpu_decode.gated_activation(self.gate_up_proj(x), "silu"))
         gate, up = project_gate_up(self, x)  # (B, T, F) each
         return self.down_proj(F.silu(gate) * up)
