@@ -15,38 +15,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peers import MODELS, prompt_ids  # noqa: E402
+from peers import MODELS, llama_cpp_decode_rate, lucid_decode_rate, prompt_ids  # noqa: E402
 
 NEW_TOKENS = 128
-
-
-def lucid_decode(model, ids: list[int]) -> float:
-    from lucidlm.generate import generate_tokens
-    from lucidlm.sampling import SamplingParams, make_sampler
-
-    steps = generate_tokens(model, ids, make_sampler(SamplingParams()), NEW_TOKENS)
-    next(steps)  # the prompt's pass and the first token
-    start = time.perf_counter()
-    count = sum(1 for _ in steps)
-    return count / (time.perf_counter() - start)
-
-
-def llama_cpp_decode(llm, ids: list[int]) -> float:
-    tokens = llm.generate(ids, temp=0.0, reset=True)
-    next(tokens)
-    start = time.perf_counter()
-    count = 0
-    for _ in tokens:
-        count += 1
-        if count == NEW_TOKENS - 1:
-            break
-    return count / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -70,8 +46,8 @@ def main() -> None:
             ids = prompt_ids(name, length)
             rates = {"lucid": [], "llama.cpp": []}
             for _ in range(args.runs):
-                rates["lucid"].append(lucid_decode(model, ids))
-                rates["llama.cpp"].append(llama_cpp_decode(llm, ids))
+                rates["lucid"].append(lucid_decode_rate(model, ids, NEW_TOKENS))
+                rates["llama.cpp"].append(llama_cpp_decode_rate(llm, ids, NEW_TOKENS))
             ours, theirs = (statistics.median(rates[k]) for k in ("lucid", "llama.cpp"))
             rows.append(f"| {key} | {length} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x |")
             print(rows[-1], flush=True)

@@ -67,6 +67,32 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def lucid_decode_rate(model, ids: list[int], n: int) -> float:
+    """LucidLM's greedy decode tokens/s: n tokens after `ids`, from the first token to the last."""
+    from lucidlm.generate import generate_tokens
+    from lucidlm.sampling import SamplingParams, make_sampler
+
+    steps = generate_tokens(model, ids, make_sampler(SamplingParams()), n)
+    next(steps)  # the prompt's pass and the first token
+    first = time.perf_counter()
+    count = 1 + sum(1 for _ in steps)
+    return (count - 1) / (time.perf_counter() - first)
+
+
+def llama_cpp_decode_rate(llm, ids: list[int], n: int) -> float:
+    """llama.cpp's (llama-cpp-python's) greedy decode tokens/s, measured as `lucid_decode_rate`."""
+    llm.reset()
+    tokens = llm.generate(ids, temp=0.0, reset=True)
+    next(tokens)
+    first = time.perf_counter()
+    count = 1
+    for _ in tokens:
+        count += 1
+        if count == n:
+            break
+    return (count - 1) / (time.perf_counter() - first)
+
+
 def worker(engine: str, model_name: str, threads: int, prompts_file: Path) -> dict:
     import torch
 
@@ -95,11 +121,7 @@ def worker(engine: str, model_name: str, threads: int, prompts_file: Path) -> di
                 model(torch.tensor([ids]), model.new_cache(1, len(ids)), last_only=True)
 
         def decode(ids, n):
-            steps = generate_tokens(model, ids, make_sampler(SamplingParams()), n)
-            next(steps)
-            first = time.perf_counter()
-            count = 1 + sum(1 for _ in steps)
-            return (count - 1) / (time.perf_counter() - first)
+            return lucid_decode_rate(model, ids, n)
 
     elif engine == "llama.cpp":
         from llama_cpp import Llama
@@ -114,16 +136,7 @@ def worker(engine: str, model_name: str, threads: int, prompts_file: Path) -> di
             llm.eval(ids)
 
         def decode(ids, n):
-            llm.reset()
-            tokens = llm.generate(ids, temp=0.0, reset=True)
-            next(tokens)
-            first = time.perf_counter()
-            count = 1
-            for _ in tokens:
-                count += 1
-                if count == n:
-                    break
-            return (count - 1) / (time.perf_counter() - first)
+            return llama_cpp_decode_rate(llm, ids, n)
 
     else:  # hf-fp32 / hf-bf16
         from transformers import AutoModelForCausalLM
