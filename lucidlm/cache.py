@@ -12,7 +12,9 @@ Layout, per layer: `keys[layer]` and `values[layer]` are preallocated tensors of
 filled from position 0 up to `length`. `valid` (B, S_max) marks which stored positions are
 real tokens, so that left-padded batches of different-length prompts can share one cache:
 padding positions are stored but never attended to. Preallocating (instead of growing by
-`torch.cat` every step) keeps decode free of reallocation and copying.
+`torch.cat` every step) keeps decode free of reallocation and copying. The tensors' dtype is
+the model's choice (`new_cache`): its activations' dtype, or float16 in packed models on CPUs
+where our decode attention kernel reads float16 (half the bytes a step reads at long contexts).
 
 Two ways to address the stored positions. Ordinarily a pass writes into slots
 [length, length + T) by slicing with the host integer `length`, and attention reads the
@@ -81,11 +83,16 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new k, v (B, H_kv, T, D) in this pass's slots and return the keys and values
         to attend over, (B, H_kv, S, D), as views into the cache: S = length + T slots in use, or
-        all `max_positions` for a static cache."""
+        all `max_positions` for a static cache. The first pass into an empty cache (a prompt)
+        attends over k and v themselves, as computed: the same keys and values, unless the cache
+        rounds them to a narrower dtype (a float16 cache under float32 activations), and then the
+        prompt's logits are still the uncached forward pass's."""
         if self.slot is None:
             end = self.length + k.shape[2]
             self.keys[layer][:, :, self.length : end] = k
             self.values[layer][:, :, self.length : end] = v
+            if self.length == 0:
+                return k, v
             return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
         self.keys[layer].index_copy_(2, self._slots, k)
         self.values[layer].index_copy_(2, self._slots, v)

@@ -48,7 +48,7 @@ def run_inspect(model, args) -> int:
             f"parameters: {d['parameters']:,} (a tied LM head shares the embedding table and counts once)\n\n"
             f"{tensor_type_table(d['tensor_types'])}\n\n"
             f"context length: {d['context_length']:,} tokens\n"
-            f"KV cache: {d['kv_cache_bytes_per_token']:,} bytes per token (K and V, float32, {cfg.n_layers} layers "
+            f"KV cache: {d['kv_cache_bytes_per_token']:,} bytes per token (K and V, {d['kv_cache_dtype']}, {cfg.n_layers} layers "
             f"x {cfg.n_kv_heads} KV heads x {cfg.head_dim}), {megabytes(d['kv_cache_bytes_full_context'])} "
             f"for the full context\n\nhook points (B batch, T positions, S key positions, C d_model, "
             f"H heads, H_kv KV heads, D head_dim):\n{hooks}")

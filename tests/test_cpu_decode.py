@@ -192,6 +192,29 @@ def test_decode_attention_ignores_what_masked_slots_hold():
     torch.testing.assert_close(cpu_decode.decode_attention(q, k, v, mask, 0.2), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("B,H,H_kv,S,D", [(1, 9, 3, 100, 64), (2, 9, 3, 37, 64), (1, 4, 1, 600, 256), (3, 8, 8, 5, 32)])
+def test_decode_attention_reads_a_float16_cache(B, H, H_kv, S, D):
+    """Packed models keep keys and values as float16 (`kv_dtype`): the kernel widens each one exactly
+    and computes in float32, so it is PyTorch's attention over those float16 values (in float64 here)."""
+    g = torch.Generator().manual_seed(B * S + 1)
+    cache_k, cache_v = (torch.randn(2, B, H_kv, S + 17, D, generator=g) * 3).half()
+    k, v = cache_k[:, :, :S], cache_v[:, :, :S]
+    q = torch.randn(B, H, 1, D, generator=g)
+    mask = torch.rand(B, 1, 1, S, generator=g) > 0.3
+    mask[..., -1] = True
+    for m in (None, mask):
+        expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=m, scale=D**-0.5,
+                                                  enable_gqa=True)
+        assert cpu_decode.attention_applies(q, k, v, m)
+        torch.testing.assert_close(cpu_decode.decode_attention(q, k, v, m, D**-0.5).double(), expected,
+                                   rtol=1e-5, atol=1e-5)
+    assert not cpu_decode.attention_applies(q, k, v.float(), None)  # k and v in one dtype
+    with pytest.raises(RuntimeError, match="one dtype"):
+        cpu_decode.decode_attention(q, k, v.float(), None, 1.0)
+    with pytest.raises(RuntimeError, match="float32 or float16"):
+        cpu_decode.decode_attention(q, k.bfloat16(), v.bfloat16(), None, 1.0)
+
+
 def test_attention_outside_its_cases_is_left_to_pytorch():
     q, k = torch.randn(1, 4, 2, 64), torch.randn(1, 4, 9, 64)  # two queries: a prefill
     assert not cpu_decode.attention_applies(q, k, k, None)
@@ -243,6 +266,28 @@ def test_tiny_packed_model_matches_transformers(tmp_path, encoding, tie):
     assert kl.mean() < 1e-3 and top1 >= 0.9, (float(kl.mean()), top1)
 
 
+def test_packed_cache_is_float16_and_a_prompt_pass_reads_its_own_keys(tmp_path):
+    """Keys and values are stored as float16 where the attention kernel reads them; a prompt pass
+    into the empty cache attends over its float32 keys and values as computed, so its logits are the
+    uncached pass's bit for bit, and later steps (reading float16) stay transformers' to float32 parity."""
+    from gguf import GGMLQuantizationType
+    from test_loading_gguf import VOCAB_SIZE, hf_llama_and_gguf_tensors, tiny_metadata, write_gguf
+
+    import lucidlm
+
+    hf_model, tensors = hf_llama_and_gguf_tensors(tie=True, encoding=GGMLQuantizationType.Q4_1)
+    model = lucidlm.load(str(write_gguf(tmp_path / "tiny.gguf", tiny_metadata(), tensors)), progress=False).model
+    ids = torch.from_numpy(np.random.default_rng(5).integers(0, VOCAB_SIZE, size=(1, 30)))
+    with torch.inference_mode():
+        cache = model.new_cache(1, 30)
+        assert cache.keys[0].dtype == cache.values[0].dtype == torch.float16
+        prompt = model(ids[:, :20], cache)
+        assert torch.equal(prompt, model(ids[:, :20]))
+        steps = torch.cat([model(ids[:, t:t + 1], cache)[0] for t in range(20, 30)])
+        expected = hf_model(ids).logits[0, 20:].float()
+    torch.testing.assert_close(steps, expected, rtol=0, atol=2e-3 * expected.abs().max().item())
+
+
 @pytest.fixture(scope="module")
 def smollm_packed(smollm_path):
     import lucidlm
@@ -264,6 +309,9 @@ def test_smollm_packed_modules_are_ours(smollm_packed, lucid_smollm):
     # decode steps' attention: our kernel in the packed model only, never in the float32 reference
     assert {layer.self_attn.decode_kernel for layer in model.layers} == {True}
     assert {layer.self_attn.decode_kernel for layer in lucid_smollm.model.layers} == {False}
+    # keys and values stored as float16 for that kernel; the float32 reference keeps float32
+    assert model.new_cache(1, 4).keys[0].dtype == torch.float16
+    assert lucid_smollm.model.new_cache(1, 4).keys[0].dtype == torch.float32
 
 
 def _decode_logits(model, ids):
@@ -276,8 +324,8 @@ def _decode_logits(model, ids):
 def test_smollm_packed_decode_is_the_float32_model(lucid_smollm, smollm_packed):
     """Decode steps through the kernels against the float32 model (every weight dequantized, which
     matches transformers: test_models_llama.py): the 4-bit values, their float16 scales and the Q8_0
-    head are exact, so only x's rounding remains. Observed mean KL ~5e-8 (llama.cpp on the same
-    file: 3e-3, bench/RESULTS.md)."""
+    head are exact, so only x's rounding and the float16 KV cache remain. Observed mean KL ~4e-7
+    (7e-8 with a float32 cache; llama.cpp on the same file: 3e-3, bench/RESULTS.md)."""
     from prompts import PASSAGE
     from test_packed import _kl_and_agreement
 

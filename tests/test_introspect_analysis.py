@@ -160,7 +160,9 @@ def test_describe(tiny):
     assert d["parameters"] == n_params
     assert d["tensor_types"] == [{"type": "F32", "tensors": 2 + 9 * cfg.n_layers + 1, "parameters": n_params,
                                   "file_bytes": 4 * n_params, "memory_bytes": 4 * n_params}]
-    assert d["kv_cache_bytes_per_token"] == 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4
+    stored = tiny.model.new_cache(1, 1).keys[0]  # what the cache really allocates (float16 where our kernel reads it)
+    assert d["kv_cache_bytes_per_token"] == 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * stored.element_size()
+    assert d["kv_cache_dtype"] == str(stored.dtype).removeprefix("torch.")
     assert d["module_tree"].startswith("Llama(") and "(0-1): 2 x Block(" in d["module_tree"]
     assert d["hook_points"]["blocks.{0-1}.attn.hook_pattern"] == "(B, H, T, S)"
     assert d["file_bytes"] == tiny.path.stat().st_size > 4 * n_params

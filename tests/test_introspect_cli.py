@@ -12,6 +12,7 @@ from test_cli import assert_user_error, lucid
 from test_loading_gguf import write_tiny_model
 
 from lucidlm.cli import main
+from lucidlm.kernels import cpu_decode
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +27,12 @@ def run_json(capsys, *args: str) -> dict:
 
 def test_inspect(capsys, tiny):
     d = run_json(capsys, "inspect", "--model", tiny)
-    assert d["config"]["n_layers"] == 2 and d["parameters"] > 0 and d["kv_cache_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
+    kv_dtype = "float16" if cpu_decode.available() else "float32"  # float16 where our decode attention kernel runs
+    kv_bytes = 2 * 2 * 2 * 16 * (2 if kv_dtype == "float16" else 4)
+    assert d["config"]["n_layers"] == 2 and d["parameters"] > 0 and d["kv_cache_bytes_per_token"] == kv_bytes
     assert main(["inspect", "--model", tiny]) == 0
     text = capsys.readouterr().out
-    for fragment in ("Llama(", "(0-1): 2 x Block(", "parameters:", "F32", "KV cache: 512 bytes per token",
+    for fragment in ("Llama(", "(0-1): 2 x Block(", "parameters:", "F32", f"KV cache: {kv_bytes} bytes per token (K and V, {kv_dtype},",
                      "blocks.{0-1}.attn.hook_pattern"):
         assert fragment in text
 

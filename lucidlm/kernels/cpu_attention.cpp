@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/Half.h>
 #include <immintrin.h>
 #include <cmath>
 #include <algorithm>
@@ -32,34 +33,28 @@ inline __m512 sum16(const __m512 v[16]) {
                        _mm512_shuffle_f32x4(y0, y1, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
+// One key or value row's 16 values from index i on, as float32: a float32 cache as it is, a float16
+// one widened (F16C, exact: every float16 is a float32).
+inline __m512 load16(const float* row, int64_t i) { return _mm512_loadu_ps(row + i); }
+inline __m512 load16(const c10::Half* row, int64_t i) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i)));
+}
+
 // Attention of one query per sequence (a decode step), in float32: softmax(q k^T * scale + mask) v
 // for q (B, H, 1, D) over the cache's k, v (B, H_kv, S, D; rows of D contiguous, as views of a
-// longer cache are), query head h reading key/value head h / (H / H_kv). mask: (B, 1, 1, S)
-// bool (true: may attend) or undefined. PyTorch's fused kernel spends ~15-20 us a call setting
-// up for this; the arithmetic itself (SmolLM2: 9 heads x ~100 positions x 64) is ~2 us.
+// longer cache are; float32 or float16, each element widened to float32 as it is read), query head
+// h reading key/value head h / (H / H_kv). mask: (B, 1, 1, S) bool (true: may attend) or undefined.
+// PyTorch's fused kernel spends ~15-20 us a call setting up for this; the arithmetic itself
+// (SmolLM2: 9 heads x ~100 positions x 64) is ~2 us.
 // Scores are made 16 keys at a time (16 dot products, then one transposing reduction: sum16)
 // and exponentiated 16 at a time (exp_nonpositive).
-at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v,
-                            const std::optional<at::Tensor>& mask, double scale) {
-  TORCH_CHECK(q_in.dim() == 4 && q_in.size(2) == 1 && q_in.scalar_type() == at::kFloat, "q: (B, H, 1, D) float32");
-  const int64_t B = q_in.size(0), H = q_in.size(1), D = q_in.size(3), H_kv = k.size(1), S = k.size(2);
-  TORCH_CHECK(D % 16 == 0 && H % H_kv == 0, "D must be a multiple of 16, H of H_kv");
-  for (const at::Tensor* t : {&k, &v})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->stride(3) == 1 && (S == 1 || t->stride(2) == D) && t->size(2) == S,
-                "k, v: (B, H_kv, S, D) float32 with contiguous rows");
-  at::Tensor q = q_in.contiguous();
-  at::Tensor out = at::empty({B, H, 1, D}, q.options());
-  const bool* allowed = nullptr;
-  int64_t mask_b = 0, mask_s = 0;
-  if (mask.has_value() && mask->defined()) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 4 && mask->size(-1) == S, "mask: (B, 1, 1, S) bool");
-    allowed = mask->data_ptr<bool>();
-    mask_b = mask->size(0) == 1 ? 0 : mask->stride(0);
-    mask_s = mask->stride(3);
-  }
+template <typename KV>
+void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* allowed, int64_t mask_b,
+            int64_t mask_s, double scale, at::Tensor& out) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), H_kv = k.size(1), S = k.size(2);
   const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
+  const KV* kp = k.data_ptr<KV>();
+  const KV* vp = v.data_ptr<KV>();
   float* op = out.data_ptr<float>();
   const int64_t group = H / H_kv, vectors = D / 16, blocks = (S + 15) / 16;
   // (b, h) pairs split between threads when there is enough work (~64k multiply-adds each)
@@ -70,8 +65,8 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
     for (int64_t bh = first; bh < last; bh++) {
       const int64_t b = bh / H, h = bh % H, kv = h / group;
       const float* qh = qp + bh * D;
-      const float* kh = kp + b * k.stride(0) + kv * k.stride(1);
-      const float* vh = vp + b * v.stride(0) + kv * v.stride(1);
+      const KV* kh = kp + b * k.stride(0) + kv * k.stride(1);
+      const KV* vh = vp + b * v.stride(0) + kv * v.stride(1);
       __m512 best = _mm512_set1_ps(-INFINITY);
       for (int64_t block = 0; block < blocks; block++) {
         const int64_t s0 = 16 * block, n = std::min<int64_t>(16, S - s0);
@@ -86,13 +81,13 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
           use &= ok;
         }
         // 16 dot products (a last, partial block repeats its last key: the mask drops the copies)
-        const float* rows[16];
+        const KV* rows[16];
         for (int64_t j = 0; j < 16; j++) rows[j] = kh + std::min(s0 + j, S - 1) * D;
         __m512 dots[16];
         for (int64_t j = 0; j < 16; j++) dots[j] = _mm512_setzero_ps();
         for (int64_t i = 0; i < vectors; i++) {
           const __m512 qi = _mm512_loadu_ps(qh + 16 * i);
-          for (int64_t j = 0; j < 16; j++) dots[j] = _mm512_fmadd_ps(qi, _mm512_loadu_ps(rows[j] + 16 * i), dots[j]);
+          for (int64_t j = 0; j < 16; j++) dots[j] = _mm512_fmadd_ps(qi, load16(rows[j], 16 * i), dots[j]);
         }
         // masked keys' slots may hold anything (NaN included): -inf replaces their score
         const __m512 block_scores = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), use, sum16(dots), _mm512_set1_ps((float)scale));
@@ -122,13 +117,39 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
         for (int64_t s = 0; s < S; s++) {
           if (scores[s] == 0.f) continue;  // masked (its cache slot may hold anything)
           const __m512 p = _mm512_set1_ps(scores[s]);
-          const float* row = vh + s * D + 16 * i0;
-          for (int64_t i = 0; i < n; i++) acc[i] = _mm512_fmadd_ps(p, _mm512_loadu_ps(row + 16 * i), acc[i]);
+          const KV* row = vh + s * D;
+          for (int64_t i = 0; i < n; i++) acc[i] = _mm512_fmadd_ps(p, load16(row, 16 * (i0 + i)), acc[i]);
         }
         for (int64_t i = 0; i < n; i++) _mm512_storeu_ps(oh + 16 * (i0 + i), _mm512_mul_ps(acc[i], inverse));
       }
     }
   });
+}
+
+at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& mask, double scale) {
+  TORCH_CHECK(q_in.dim() == 4 && q_in.size(2) == 1 && q_in.scalar_type() == at::kFloat, "q: (B, H, 1, D) float32");
+  const int64_t B = q_in.size(0), H = q_in.size(1), D = q_in.size(3), H_kv = k.size(1), S = k.size(2);
+  TORCH_CHECK(D % 16 == 0 && H % H_kv == 0, "D must be a multiple of 16, H of H_kv");
+  const auto kv_type = k.scalar_type();
+  TORCH_CHECK(kv_type == at::kFloat || kv_type == at::kHalf, "k, v: float32 or float16");
+  for (const at::Tensor* t : {&k, &v})
+    TORCH_CHECK(t->scalar_type() == kv_type && t->stride(3) == 1 && (S == 1 || t->stride(2) == D) && t->size(2) == S,
+                "k, v: (B, H_kv, S, D), one dtype, with contiguous rows");
+  at::Tensor q = q_in.contiguous();
+  at::Tensor out = at::empty({B, H, 1, D}, q.options());
+  const bool* allowed = nullptr;
+  int64_t mask_b = 0, mask_s = 0;
+  if (mask.has_value() && mask->defined()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 4 && mask->size(-1) == S, "mask: (B, 1, 1, S) bool");
+    allowed = mask->data_ptr<bool>();
+    mask_b = mask->size(0) == 1 ? 0 : mask->stride(0);
+    mask_s = mask->stride(3);
+  }
+  if (kv_type == at::kHalf)
+    attend<c10::Half>(q, k, v, allowed, mask_b, mask_s, scale, out);
+  else
+    attend<float>(q, k, v, allowed, mask_b, mask_s, scale, out);
   return out;
 }
 

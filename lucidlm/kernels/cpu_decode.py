@@ -159,11 +159,11 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torc
 
 def attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """Whether `decode_attention` takes this: one float32 query per sequence on a CPU, head size a
-    multiple of 16, cache rows contiguous, a bool mask or none. (Which models use it at all is
-    theirs to say: `decode_kernel`, set by the packed loader where `available()`.)"""
-    return (q.shape[2] == 1 and q.device.type == "cpu" and q.dtype == k.dtype == torch.float32
-            and q.shape[-1] % 16 == 0 and v.dtype == torch.float32 and _rows_contiguous(k) and _rows_contiguous(v)
-            and (mask is None or mask.dtype == torch.bool))
+    multiple of 16, a float32 or float16 cache with contiguous rows, a bool mask or none. (Which
+    models use it at all is theirs to say: `decode_kernel`, set by the packed loader where `available()`.)"""
+    return (q.shape[2] == 1 and q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[-1] % 16 == 0
+            and k.dtype == v.dtype and k.dtype in (torch.float32, torch.float16)
+            and _rows_contiguous(k) and _rows_contiguous(v) and (mask is None or mask.dtype == torch.bool))
 
 
 def _rows_contiguous(t: torch.Tensor) -> bool:
@@ -174,7 +174,8 @@ def _rows_contiguous(t: torch.Tensor) -> bool:
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                      scale: float) -> torch.Tensor:
     """softmax(q kᵀ scale + mask) v for one query per sequence: q (B, H, 1, D), k, v (B, H_kv, S, D)
-    (views of the cache), mask (B, 1, 1, S) bool or None. PyTorch's fused kernel spends ~15-30 µs
+    (views of the cache, float32 or float16: read as they are, widened to float32 in registers),
+    mask (B, 1, 1, S) bool or None. PyTorch's fused kernel spends ~15-30 µs
     a call setting up for this; the arithmetic of a small model's step is a few µs (SmolLM2: 30
     calls a step). Float32 throughout, equal to PyTorch's to ~1e-6."""
     return torch.ops.lucidlm_kernels.decode_attention(q, k, v, mask, scale)

@@ -218,6 +218,8 @@ def load_gguf(path: str | Path, dtype: str = "float32", progress: bool = True) -
                 module.decode_kernel = dot  # decode steps' attention: our kernel, built above
             if hasattr(module, "cpu_kernel"):
                 module.cpu_kernel = dot  # norms, RoPE, gated activations: one kernel call each (layers.takes_cpu_kernel)
+        if dot and hasattr(model, "kv_dtype"):
+            model.kv_dtype = torch.float16  # keys and values as the decode attention kernel reads them (half the bytes)
     model.compute_dtype = matrix_dtype
     model.eval()
     gguf.close()  # every tensor has been copied out; drop the mapped pages of the file

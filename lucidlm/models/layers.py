@@ -250,12 +250,15 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     long prompts through `chunked_attention` in that dtype instead: faster there, and rounded.
     A model that sets `decode_kernel` (packed models on CPUs with AVX-512 VNNI) runs decode steps
     through `cpu_decode.decode_attention` (one query: the same float32 function without the fused
-    kernel's set-up cost).
+    kernel's set-up cost). Those models keep k and v as float16 (their `kv_dtype`), which the kernel
+    reads as it is; the other paths widen them to q's dtype first.
     """
     if not explicit and chunked_attention.applies(q, mask, prefill_dtype):
         return chunked_attention.chunked_attention(q, k, v, mask, scale, prefill_dtype), None
     if not explicit and decode_kernel and cpu_decode.attention_applies(q, k, v, mask):
         return cpu_decode.decode_attention(q, k, v, mask, scale), None
+    if k.dtype != q.dtype:  # a float16 cache under float32 queries (packed models): the paths below take one dtype
+        k, v = k.to(q.dtype), v.to(q.dtype)
     if not explicit:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         return out, None
