@@ -94,8 +94,9 @@ def main() -> None:
             "models keep the 4-bit values and their float16 scales, the 5-bit ones (Gemma's Q5_0) and the "
             "tied Q8_0 head exactly (models/dot_linear.py); Gemma's Q6_K/Q8_0 block matrices are re-rounded "
             "to int8 with a scale per 32 values. Decode steps (the compiled rows) multiply with our integer-dot kernel, which "
-            "rounds x to two int8 terms (kernels/cpu_decode.cpp: ~1e-5 of each group's maximum), so they are "
-            "the float32 model to within that; the default row runs the text in one pass, whose many-row "
+            "rounds x to two int8 terms (kernels/cpu_decode.cpp: ~1e-5 of each group's maximum), and attend over "
+            "keys and values stored as float16 (the KV cache's dtype there), so they are the float32 model to "
+            "within those roundings; the default row runs the text in one pass, whose many-row "
             "matmuls use the same weights decoded to bfloat16 with x rounded to bfloat16 on CPUs with "
             "AVX-512 BF16 (this run: " + ("bfloat16" if packed.DENSE_DTYPE == torch.bfloat16 else "float32") +
             "), and the prompt's attention in bfloat16 blocks (models/chunked_attention.py). Elsewhere "
