@@ -94,8 +94,8 @@ class KVCache:
             if self.length == 0:
                 return k, v
             return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
-        self.keys[layer].index_copy_(2, self._slots, k)
-        self.values[layer].index_copy_(2, self._slots, v)
+        self.keys[layer].index_copy_(2, self._slots, k.to(self.keys[layer].dtype))  # (index_copy_ does not convert)
+        self.values[layer].index_copy_(2, self._slots, v.to(self.values[layer].dtype))
         return self.keys[layer], self.values[layer]
 
     def advance(self, n: int) -> None:
