@@ -79,8 +79,11 @@ SmolLM2 adds no start-of-text token to plain prompts.
 ## 2. The architecture
 
 `lucid inspect` prints the module tree (names as in the checkpoint), the configuration, where
-the bytes go (the file stores most matrices in 4-bit Q4_1; in memory LucidLM keeps float32),
-the KV-cache cost per token, and the hook points through which everything below is observed.
+the bytes go (the file stores most matrices in 4-bit Q4_1, and the default `--dtype packed` keeps
+them so in memory: q, k and v stacked into one `qkv_proj`, gate and up into `gate_up_proj`, the old
+names now views of their rows; `--dtype float32` decodes every weight), the KV-cache cost per token
+(float16 where our decode kernels run, as here), and the hook points through which everything
+below is observed.
 """)
     w.lucid("lucid inspect")
     w.text("""

@@ -33,7 +33,7 @@ HOOK_SITES = {
     "attn.hook_k": ("(B, H_kv, T, D)", "keys of the new positions, before RoPE"),
     "attn.hook_v": ("(B, H_kv, T, D)", "values of the new positions"),
     "attn.hook_rot_q": ("(B, H, T, D)", "queries after RoPE"),
-    "attn.hook_rot_k": ("(B, H_kv, T, D)", "keys after RoPE (what the KV cache stores)"),
+    "attn.hook_rot_k": ("(B, H_kv, T, D)", "keys after RoPE (what the KV cache stores, in its dtype)"),
     "attn.hook_pattern": ("(B, H, T, S)", "attention weights, softmax over key positions S"),
     "attn.hook_z": ("(B, H, T, D)", "per-head attention output, before o_proj"),
     "hook_attn_out": ("(B, T, C)", "attention output added to the residual stream (after o_proj)"),

@@ -161,9 +161,15 @@ def attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     """Whether `decode_attention` takes this: one float32 query per sequence on a CPU, head size a
     multiple of 16, a float32 or float16 cache with contiguous rows, a bool mask or none. (Which
     models use it at all is theirs to say: `decode_kernel`, set by the packed loader where `available()`.)"""
-    return (q.shape[2] == 1 and q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[-1] % 16 == 0
+    return (q.shape[2] == 1 and q.device.type == "cpu" and q.dtype == torch.float32 and attention_fits(q.shape[-1])
             and k.dtype == v.dtype and k.dtype in (torch.float32, torch.float16)
             and _rows_contiguous(k) and _rows_contiguous(v) and (mask is None or mask.dtype == torch.bool))
+
+
+def attention_fits(head_dim: int) -> bool:
+    """Whether `decode_attention` takes heads of this size (16 values per vector, whole vectors). The
+    loader keeps a float16 cache only for models it fits: elsewhere every step would widen the cache."""
+    return head_dim % 16 == 0
 
 
 def _rows_contiguous(t: torch.Tensor) -> bool:

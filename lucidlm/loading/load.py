@@ -218,7 +218,7 @@ def load_gguf(path: str | Path, dtype: str = "float32", progress: bool = True) -
                 module.decode_kernel = dot  # decode steps' attention: our kernel, built above
             if hasattr(module, "cpu_kernel"):
                 module.cpu_kernel = dot  # norms, RoPE, gated activations: one kernel call each (layers.takes_cpu_kernel)
-        if dot and hasattr(model, "kv_dtype"):
+        if dot and hasattr(model, "kv_dtype") and cpu_decode.attention_fits(cfg.head_dim):
             model.kv_dtype = torch.float16  # keys and values as the decode attention kernel reads them (half the bytes)
     model.compute_dtype = matrix_dtype
     model.eval()
