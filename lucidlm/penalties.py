@@ -128,8 +128,9 @@ class LogitControls:
         for token_id, bias in self.logit_bias.items():
             if not _is_int(token_id) or token_id < 0:
                 raise InvalidArgumentError(f"logit_bias keys must be token ids (integers >= 0), got {token_id!r}")
-            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias):
-                raise InvalidArgumentError(f"logit_bias[{token_id}] must be a finite number, got {bias!r}")
+            # OpenAI's range: -100 bans a token, +100 forces it; far beyond, float32 logits overflow to inf
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+                raise InvalidArgumentError(f"logit_bias[{token_id}] must be a number in [-100, 100], got {bias!r}")
 
     @property
     def active(self) -> bool:

@@ -52,8 +52,8 @@ _ALLOWED = {
     "top_k": (lambda k: _is_int(k) and k >= 0, "an integer >= 0 (0 = off)"),
     "top_p": (lambda p: _is_real(p) and 0 < p <= 1, "in (0, 1] (1 = off)"),
     "min_p": (lambda m: _is_real(m) and 0 <= m <= 1, "in [0, 1] (0 = off)"),
-    "repetition_penalty": (lambda r: _is_real(r) and math.isfinite(r) and r > 0,
-                           "finite and > 0 (1 = off)"),
+    # (bounded: logits divided by a penalty near 0, or multiplied by a huge one, overflow float32)
+    "repetition_penalty": (lambda r: _is_real(r) and 1e-6 <= r <= 1e6, "in [1e-6, 1e6] (1 = off)"),
     "seed": (lambda s: s is None or (_is_int(s) and 0 <= s < 2**64),
              "None or an integer in [0, 2**64)"),
 }

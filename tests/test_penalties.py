@@ -79,7 +79,7 @@ def test_controls_count_only_generated_tokens():
 @pytest.mark.parametrize("kwargs", [
     dict(presence_penalty=2.5), dict(frequency_penalty=-3), dict(frequency_penalty=float("nan")),
     dict(no_repeat_ngram_size=-1), dict(min_new_tokens=1.5), dict(logit_bias={"7": 1.0}),
-    dict(logit_bias={7: float("inf")}), dict(logit_bias=[7]),
+    dict(logit_bias={7: float("inf")}), dict(logit_bias=[7]), dict(logit_bias={7: 1e308}), dict(logit_bias={7: -100.5}),
 ])
 def test_bad_controls(kwargs):
     with pytest.raises(InvalidArgumentError) as info:

@@ -204,7 +204,8 @@ def test_temperature_scaling_is_exact():
     {"top_p": 0.0}, {"top_p": 1.5}, {"top_p": -1.0}, {"top_p": float("nan")},
     {"top_k": -1}, {"top_k": 2.5},
     {"min_p": -0.1}, {"min_p": 1.5},
-    {"repetition_penalty": 0.0}, {"repetition_penalty": -1.0},
+    {"repetition_penalty": 0.0}, {"repetition_penalty": -1.0}, {"repetition_penalty": 1e-39},
+    {"repetition_penalty": 1e300},
 ])
 def test_invalid_params_raise(kwargs):
     name = next(iter(kwargs))

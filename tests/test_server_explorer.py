@@ -90,6 +90,7 @@ def test_a_chat_is_read_as_the_model_saw_it(client, lucid_smollm):
     ({"text": "word " * (MAX_TOKENS + 10), "layer": 0, "head": 0}, "text"),
     ({"messages": [{"role": "user"}], "layer": 0, "head": 0}, "messages"),
     ({"messages": [{"role": "assistant", "content": "Hi"}], "layer": 0, "head": 0}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "Hi"}], "layer": 0, "head": 0}, "messages"),  # as the chat API
 ])
 def test_bad_attention_requests_are_400s(client, body, param):
     response = client.post("/explore/attention", json=body)
@@ -111,7 +112,7 @@ def test_bad_lens_requests_are_400s(client, body, param):
 
 
 def test_body_that_is_not_a_json_object_is_a_400(client):
-    for content in (b"{not json", b"[1, 2]"):
+    for content in (b"{not json", b"[1, 2]", b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"):  # (nested too deep)
         response = client.post("/explore/lens", content=content, headers={"content-type": "application/json"})
         assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
 

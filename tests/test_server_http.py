@@ -120,6 +120,11 @@ BAD_REQUESTS = {
     "logit_bias id outside the vocabulary": (completion(logit_bias={"99999999": 1}), 400, "logit_bias"),
     "logit_bias infinite": (("/v1/completions", '{"prompt": "Hi", "logit_bias": {"5": -Infinity}}'),
                             400, "logit_bias"),
+    # far beyond these ranges float32 logits overflow to inf and sampling fails (the batch with it)
+    "logit_bias 1e308": (completion(logit_bias={"5": 1e308}, temperature=0.7), 400, "logit_bias"),
+    "logit_bias -101": (completion(logit_bias={"5": -101}), 400, "logit_bias"),
+    "repetition_penalty 1e-39": (completion(repetition_penalty=1e-39, temperature=0.7), 400, "repetition_penalty"),
+    "user message without content": (chat(messages=[{"role": "user"}]), 400, "messages"),
     "token id outside the vocabulary": (completion(prompt=[1, 10**9]), 400, "prompt"),
     "negative token id": (completion(prompt=[[1, -3]]), 400, "prompt"),
     "echo": (completion(echo=True), 400, "echo"),
@@ -144,6 +149,22 @@ def test_bad_request_gets_openai_error(client, name):
     if "context" in name:
         assert error["code"] == "context_length_exceeded"
     assert client.get("/health").json() == {"status": "ok"}
+
+
+def test_an_image_part_is_named_in_the_error(client):
+    """content is a string or a list of text parts: the error is the text part's (its type), not the string's."""
+    body = chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+    error = assert_openai_error(post(client, body), 400, "messages")
+    assert "type" in error["message"] and "'text'" in error["message"]
+
+
+def test_json_sent_without_its_content_type_is_told_so(client):
+    """curl -d sends form encoding: the JSON object is never parsed, and the error says why."""
+    response = client.post("/v1/completions", content=json.dumps(COMPLETION),
+                           headers={"Content-Type": "application/x-www-form-urlencoded"})
+    error = assert_openai_error(response, 415)
+    assert "Content-Type: application/json" in error["message"]
+    assert client.post("/v1/completions", content=json.dumps(COMPLETION)).status_code == 415  # no Content-Type at all
 
 
 def test_unknown_route_and_method(client):

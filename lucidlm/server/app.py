@@ -161,10 +161,17 @@ def create_app(model, *, embedding_model=None, api_key: str | None = None, max_q
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, e: RequestValidationError):
-        first = e.errors()[0]
+        errors = e.errors()
+        # Of a union's alternatives (content: a string or a list of parts), the error that got furthest
+        # into the body says most (an image part: "...0.type: Input should be 'text'").
+        first = max(errors, key=lambda error: len(error.get("loc", ())))
         loc = [str(part) for part in first.get("loc", ()) if part != "body"]
         if first.get("type") == "json_invalid":
             return error_response(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}".strip())
+        content_type = request.headers.get("content-type", "")
+        if not loc and "json" not in content_type:  # curl -d sends form encoding: the JSON is never parsed
+            return error_response(415, f"send the body as JSON with 'Content-Type: application/json' "
+                                       f"(got {content_type or 'no Content-Type'})")
         where = ".".join(loc)
         message = f"{where}: {first['msg']}" if where else f"the body: {first['msg']}"
         return error_response(400, message, param=loc[0] if loc else None)

@@ -28,6 +28,7 @@ from ..introspect.lens import logit_lens
 from ..introspect.token_labels import token_text
 from .engine import EngineClosedError
 from .http_errors import APIError, error_response
+from .openai_schema import CHAT_ROLES
 
 STATIC = Path(__file__).with_name("static")
 PAGE_FILES = {"explorer.js": "text/javascript", "explorer.css": "text/css"}
@@ -129,7 +130,7 @@ async def _run(engine, work, param: str):
 async def _json_body(request: Request) -> dict:
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # (RecursionError: arrays nested thousands deep)
         raise bad_request("the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
@@ -161,10 +162,10 @@ def _subject(m, body: dict) -> tuple[str, object]:
         raise bad_request(f"'ids' must be a non-empty list of token ids between 0 and {m.config.vocab_size - 1}",
                           "ids")
     if key == "messages" and (not isinstance(value, list) or not value or any(
-            not isinstance(msg, dict) or not isinstance(msg.get("role"), str)
+            not isinstance(msg, dict) or msg.get("role") not in CHAT_ROLES
             or not isinstance(msg.get("content"), str) for msg in value)):
         raise bad_request("'messages' must be a non-empty list of {\"role\": ..., \"content\": ...} with string "
-                          "content", "messages")
+                          f"content and a role among {', '.join(CHAT_ROLES)}", "messages")
     if key == "messages" and value[-1]["role"] == "assistant" and len(value) == 1:
         raise bad_request("'messages' needs a turn before the assistant's reply", "messages")
     if len(str(value)) > MAX_CHARS:  # refused before tokenizing it

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from ..decoding import DecodingOptions
 from ..errors import LucidError
@@ -63,9 +63,18 @@ class TextPart(_Body):
     text: str
 
 
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
 class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    role: Literal[CHAT_ROLES]
+    content: str | list[TextPart] | None = None  # None only in an assistant turn (OpenAI's tool calls)
+
+    @model_validator(mode="after")
+    def _has_content(self) -> "ChatMessage":
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs its content")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):
