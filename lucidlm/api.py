@@ -77,6 +77,28 @@ class LucidModel:
             raise LucidError(f"{self.name} is an encoder ({self.config.architecture}): it makes embeddings "
                              "with embed(), it does not generate text")
 
+    def checked_tokens(self, ids) -> torch.Tensor:
+        """Token ids from a caller (a list, or a (T,) or (B, T) tensor) as a long tensor of the same
+        shape, checked: integers in [0, vocab_size), 1 to context_length positions. (The embedding
+        lookup would wrap a negative id around to the last rows and answer as if nothing were wrong.)"""
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, (torch.Tensor, list, tuple)):
+            raise InvalidArgumentError(f"token ids must be a list or a tensor of integers, got {type(ids).__name__}")
+        try:
+            tokens = ids if isinstance(ids, torch.Tensor) else torch.as_tensor(list(ids))
+        except (TypeError, ValueError, RuntimeError):
+            raise InvalidArgumentError("token ids must be integers") from None
+        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+            raise InvalidArgumentError(f"token ids must be integers, got {tokens.dtype}")
+        if tokens.dim() not in (1, 2) or tokens.shape[-1] == 0:
+            raise InvalidArgumentError(f"expected token ids of shape (T,) or (B, T) with T >= 1, got {tuple(tokens.shape)}")
+        vocab, context = self.config.vocab_size, self.config.context_length
+        if bool((tokens < 0).any()) or bool((tokens >= vocab).any()):
+            bad = tokens[(tokens < 0) | (tokens >= vocab)][0].item()
+            raise InvalidArgumentError(f"token ids must be in [0, {vocab}) for {self.name}, got {bad}")
+        if tokens.shape[-1] > context:
+            raise ContextOverflowError(f"{tokens.shape[-1]} tokens exceed the model's context length of {context}")
+        return tokens.long()
+
     @torch.inference_mode()
     def logits(self, ids, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Float32 logits: a list of ids -> (T, V); a (B, T) tensor -> (B, T, V).
@@ -84,12 +106,12 @@ class LucidModel:
         `valid` (B, T) bool marks real tokens in a left-padded batch.
         """
         self._require_decoder()
-        if isinstance(ids, torch.Tensor) and ids.dim() == 2:
-            return self.model(ids.long(), valid=valid)
-        ids = torch.as_tensor(list(ids), dtype=torch.long)
-        if ids.numel() == 0:
-            raise InvalidArgumentError("no token ids given")
-        return self.model(ids[None])[0]
+        tokens = self.checked_tokens(ids)
+        if tokens.dim() == 2:
+            if valid is not None and (not isinstance(valid, torch.Tensor) or valid.shape != tokens.shape):
+                raise InvalidArgumentError(f"valid must be a bool tensor of the tokens' shape {tuple(tokens.shape)}")
+            return self.model(tokens, valid=None if valid is None else valid.bool())
+        return self.model(tokens[None])[0]
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         self._require_decoder()
@@ -97,7 +119,11 @@ class LucidModel:
             if not prompt:
                 raise InvalidArgumentError("the prompt is empty")
             return self.tokenizer.encode(prompt)
-        return list(prompt)
+        if isinstance(prompt, (list, tuple)) and not prompt:
+            raise InvalidArgumentError("the prompt is empty")
+        if isinstance(prompt, torch.Tensor) or not isinstance(prompt, (list, tuple)):
+            raise InvalidArgumentError(f"the prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        return self.checked_tokens(prompt).tolist()
 
     def stream(self, prompt: str | list[int], max_new_tokens: int = 128, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
@@ -175,7 +201,7 @@ class LucidModel:
             if not text_or_ids:
                 raise InvalidArgumentError("the prompt is empty")
             text_or_ids = self.tokenizer.encode(text_or_ids)
-        return as_token_batch(text_or_ids).to(next(self.model.parameters()).device)
+        return as_token_batch(self.checked_tokens(text_or_ids)).to(next(self.model.parameters()).device)
 
     def hook_names(self) -> list[str]:
         """Every hook point's name, in forward order (`lucidlm.introspect.HOOK_SITES` has their shapes)."""

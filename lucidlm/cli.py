@@ -202,6 +202,13 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _port(text: str) -> int:
+    port = int(text) if text.strip().isdigit() else -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 1 to 65535, got {text!r}")
+    return port
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -261,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding-model", default="auto", metavar="NAME",
                    help="encoder for /v1/embeddings (default: minilm-l6-v2 when installed; 'none' for none)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000, help="TCP port, 1-65535 (default 8000)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set LUCID_API_KEY)")
     p.add_argument("--model-id", default=None, help="the model's name in the API (default: its file or catalogue name)")
     p.add_argument("--max-batch", type=_positive_int, default=16, help="sequences decoded together (default 16)")
@@ -289,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:  # an output folder that cannot be made, a file that cannot be written
+        print(f"lucid: error: {e.strerror or e}: {e.filename}" if e.filename else f"lucid: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

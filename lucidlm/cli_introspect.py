@@ -36,6 +36,16 @@ def _shown(texts: list[str]) -> list[str]:
 
 # ----- inspect -----
 
+def _kv_cache_line(d: dict, cfg) -> str:
+    from .viz.tables import megabytes
+
+    if d["kv_cache_bytes_per_token"] is None:
+        return "KV cache: none (an encoder reads its whole input at once; it generates nothing)"
+    return (f"KV cache: {d['kv_cache_bytes_per_token']:,} bytes per token (K and V, {d['kv_cache_dtype']}, "
+            f"{cfg.n_layers} layers x {cfg.n_kv_heads} KV heads x {cfg.head_dim}), "
+            f"{megabytes(d['kv_cache_bytes_full_context'])} for the full context")
+
+
 def run_inspect(model, args) -> int:
     from .introspect.architecture import describe
     from .viz.tables import megabytes, tensor_type_table
@@ -48,9 +58,7 @@ def run_inspect(model, args) -> int:
             f"parameters: {d['parameters']:,} (a tied LM head shares the embedding table and counts once)\n\n"
             f"{tensor_type_table(d['tensor_types'])}\n\n"
             f"context length: {d['context_length']:,} tokens\n"
-            f"KV cache: {d['kv_cache_bytes_per_token']:,} bytes per token (K and V, {d['kv_cache_dtype']}, {cfg.n_layers} layers "
-            f"x {cfg.n_kv_heads} KV heads x {cfg.head_dim}), {megabytes(d['kv_cache_bytes_full_context'])} "
-            f"for the full context\n\nhook points (B batch, T positions, S key positions, C d_model, "
+            + _kv_cache_line(d, cfg) + "\n\nhook points (B batch, T positions, S key positions, C d_model, "
             f"H heads, H_kv KV heads, D head_dim):\n{hooks}")
     _emit(args, d, text)
     return 0
@@ -73,6 +81,7 @@ def run_trace(model, args) -> int:
     from .introspect.trace import trace_generation
     from .viz.tables import trace_table
 
+    model._require_decoder()
     params = _trace_params(args)
     ids, texts = _prompt_tokens(model, args.prompt)
     steps = trace_generation(model.model, model.tokenizer, ids, params, args.steps, args.top_k, model.stop_ids)
@@ -120,6 +129,8 @@ def _lens(model, args, ids: list[int], texts: list[str], payload: dict) -> str:
 
 # ----- attention -----
 
+MAX_ATTENTION_TOKENS = 1024  # SmolLM2: 30 layers x 9 heads x 1024² float32 weights = 1.1 GB
+
 def run_attention(model, args) -> int:
     from .introspect.attention import attention_patterns, check_head, check_layer
     from .viz.attention_page import attention_page
@@ -129,6 +140,9 @@ def run_attention(model, args) -> int:
     if args.head is not None:
         check_head(model.model, args.head)
     ids, texts = _prompt_tokens(model, args.prompt)
+    if len(ids) > MAX_ATTENTION_TOKENS:  # every layer's (H, T, T) weights are kept, for the page
+        raise InvalidArgumentError(f"the prompt has {len(ids)} tokens; attention maps are drawn for at most "
+                                   f"{MAX_ATTENTION_TOKENS} (each layer keeps H x T x T weights)")
     patterns = attention_patterns(model.model, model.token_batch(ids))  # (L, H, T, T)
     layer, labels, out = patterns[args.layer], _shown(texts), Path(args.out)
     where = f"layer {args.layer}"
@@ -161,6 +175,9 @@ def run_embed_map(model, args) -> int:
     from .introspect.projection import pca_2d, tsne_2d
     from .viz.embedding_map import embedding_map
 
+    if model.is_encoder:  # (the map reads a decoder's token embedding table and final states)
+        raise InvalidArgumentError(f"{model.name} is an encoder: embed-map places a decoder's token embeddings; "
+                                   "for this model's sentence vectors use `lucid embed`")
     vectors = word_vectors(model.model, model.tokenizer, args.words, contextual=args.contextual)  # (N, C)
     kind = "last-layer states" if args.contextual else "input embeddings"
     if args.method == "pca":

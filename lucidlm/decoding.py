@@ -84,6 +84,9 @@ class Generation:
                 "completions": [asdict(c) for c in self.completions], "stats": stats}
 
 
+MAX_ROWS = 64  # most beams or samples one call decodes side by side (each a batch row with its own cache)
+
+
 @dataclass(frozen=True)
 class DecodingOptions:
     max_new_tokens: int = 128
@@ -110,7 +113,10 @@ class DecodingOptions:
             names = {f.name for f in fields(group_cls)}
             groups[group] = group_cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
         stop = kwargs.pop("stop", None)
-        kwargs["stop"] = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        stops = (stop,) if isinstance(stop, str) else stop or ()
+        if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
+            raise InvalidArgumentError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+        kwargs["stop"] = tuple(stops)
         unknown = set(kwargs) - {f.name for f in fields(cls)}
         if unknown:
             raise InvalidArgumentError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
@@ -119,8 +125,13 @@ class DecodingOptions:
     def __post_init__(self) -> None:
         for name in ("num_beams", "n"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidArgumentError(f"{name} must be an integer >= 1, got {value!r}")
+            # (bounded: each beam or sample is a row of the batch, with its own KV cache)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ROWS:
+                raise InvalidArgumentError(f"{name} must be an integer in [1, {MAX_ROWS}], got {value!r}")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise InvalidArgumentError(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
+        if not isinstance(self.use_cache, bool):
+            raise InvalidArgumentError(f"use_cache must be True or False, got {self.use_cache!r}")
         for name in ("logprobs", "prompt_lookup"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

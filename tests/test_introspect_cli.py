@@ -80,6 +80,9 @@ def test_kv_demo(capsys, tiny):
     (["trace", "hi", "--steps", "0"], "--steps must be >= 1"),
     (["trace", "hi", "--top-p", "0"], "top_p"),
     (["attention", "", "--layer", "0"], "the prompt is empty"),
+    (["attention", "word " * 300, "--layer", "0"], "exceed the model's context length of 256"),
+    (["attention", "hi", "--layer", "0", "--out", "/dev/null/maps"], "Not a directory: /dev/null/maps"),
+    (["trace", "hi", "--steps", "1", "--lens", "--out", "/dev/null/x"], "Not a directory"),
 ])
 def test_bad_input_is_one_line(capsys, tiny, args, message):
     argv = args if "--model" in args else [*args, "--model", tiny]
@@ -97,3 +100,39 @@ def test_bad_input_exits_2_as_a_process(tiny, args, message):
     result, _ = lucid(*args, "--model", tiny)
     assert result.returncode == 2
     assert_user_error(result, message)
+
+
+@pytest.fixture(scope="module")
+def minilm_path() -> str:
+    from lucidlm.loading.catalogue import CATALOGUE
+
+    path = CATALOGUE["minilm-l6-v2"].locate()
+    if not path:
+        pytest.skip("the MiniLM package is not installed")
+    return str(path)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["trace", "hi", "--steps", "2"], "is an encoder"),
+    (["embed-map", "king", "queen"], "use `lucid embed`"),
+])
+def test_decoder_commands_refuse_an_encoder(capsys, minilm_path, args, message):
+    assert main([*args, "--model", minilm_path]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and message in captured.err
+
+
+def test_inspect_an_encoder(capsys, minilm_path):
+    d = run_json(capsys, "inspect", "--model", minilm_path)
+    assert d["kv_cache_bytes_per_token"] is None and d["config"]["n_layers"] == 6
+    assert main(["inspect", "--model", minilm_path]) == 0
+    assert "KV cache: none" in capsys.readouterr().out
+
+
+def test_attention_maps_have_a_length_limit(capsys, tiny, monkeypatch):
+    """Every layer's (H, T, T) weights are kept for the page: long prompts are refused before the pass."""
+    from lucidlm import cli_introspect
+
+    monkeypatch.setattr(cli_introspect, "MAX_ATTENTION_TOKENS", 4)
+    assert main(["attention", "hello world hello world hello world", "--layer", "0", "--model", tiny]) == 2
+    assert "attention maps are drawn for at most 4" in capsys.readouterr().err

@@ -46,3 +46,12 @@ def test_lucid_serve_subprocess():
         output, _ = process.communicate(timeout=30)
     assert f"Uvicorn running on http://127.0.0.1:{port}" in output
     assert process.returncode == 0
+
+
+@pytest.mark.parametrize("port", ["99999", "-1", "0", "http"])
+def test_a_port_out_of_range_is_a_usage_error(capsys, port):
+    from lucidlm.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["serve", "--port", port])
+    assert exit_info.value.code == 2 and "a port is a number from 1 to 65535" in capsys.readouterr().err

@@ -62,8 +62,10 @@ def describe(lucid_model) -> dict:
     model, cfg = lucid_model.model, lucid_model.config
     n_layers = cfg.n_layers
     # what `new_cache` stores: the activations' dtype, or float16 keys and values in packed models
+    # (an encoder has no cache: None)
     kv_dtype = getattr(model, "kv_dtype", None) or getattr(model, "compute_dtype", torch.float32)
-    kv_bytes = cfg.kv_bytes_per_token // 4 * kv_dtype.itemsize  # (the config counts float32 bytes)
+    kv32 = getattr(cfg, "kv_bytes_per_token", None)
+    kv_bytes = None if kv32 is None else kv32 // 4 * kv_dtype.itemsize  # (the config counts float32 bytes)
     return {
         "name": lucid_model.name,
         "path": str(lucid_model.path) if lucid_model.path else None,
@@ -73,9 +75,9 @@ def describe(lucid_model) -> dict:
         "parameters": sum(count for count, _ in weight_sizes(model).values()),
         "tensor_types": bytes_by_tensor_type(model, lucid_model.tensor_types),
         "context_length": cfg.context_length,
-        "kv_cache_dtype": str(kv_dtype).removeprefix("torch."),
+        "kv_cache_dtype": None if kv_bytes is None else str(kv_dtype).removeprefix("torch."),
         "kv_cache_bytes_per_token": kv_bytes,
-        "kv_cache_bytes_full_context": kv_bytes * cfg.context_length,
+        "kv_cache_bytes_full_context": None if kv_bytes is None else kv_bytes * cfg.context_length,
         "hook_points": {
             site.replace("{i}", f"{{0-{n_layers - 1}}}"): HOOK_SITES.get(site.removeprefix("blocks.{i}."), ("?",))[0]
             for site in hook_sites(model)

@@ -11,7 +11,7 @@ when the pass ends, also when it fails.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -32,6 +32,8 @@ def select_hook_names(model: nn.Module, names: str | Iterable[str] | Callable[[s
         return list(available)
     if callable(names):
         return [n for n in available if names(n)]
+    if not isinstance(names, (str, list, tuple, set)):
+        raise InvalidArgumentError(f"names must be None, a hook name, a list of names or a predicate, got {names!r}")
     wanted = [names] if isinstance(names, str) else list(names)
     for name in wanted:
         if name not in available:
@@ -43,9 +45,13 @@ def select_hook_names(model: nn.Module, names: str | Iterable[str] | Callable[[s
 def hooks_attached(model: nn.Module, hooks: dict[str, Listener]) -> Iterator[None]:
     """Add listeners for the duration of a `with` block (any forward pass: prefill, cached decode...)."""
     available = hook_points(model)
-    for name in hooks:
+    if not isinstance(hooks, Mapping):
+        raise InvalidArgumentError(f"hooks must map hook names to functions, got {type(hooks).__name__}")
+    for name, listener in hooks.items():
         if name not in available:
             raise _unknown_name_error(model, name)
+        if not callable(listener):
+            raise InvalidArgumentError(f"the hook for '{name}' is not callable: {listener!r}")
     attached = []
     try:
         for name, listener in hooks.items():

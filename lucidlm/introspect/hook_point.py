@@ -69,6 +69,9 @@ class HookPoint:
         for listener in self.listeners:
             replaced = listener(x, self.name)
             if replaced is not None:
+                if not isinstance(replaced, torch.Tensor):
+                    raise InvalidArgumentError(f"hook on '{self.name}' returned {type(replaced).__name__}; "
+                                               "a hook returns None (to read) or a tensor (to replace)")
                 if replaced.shape != x.shape:
                     raise InvalidArgumentError(f"hook on '{self.name}' returned shape {tuple(replaced.shape)}, "
                                                f"expected {tuple(x.shape)}")
