@@ -1,4 +1,5 @@
-"""Models split over several packages are joined into one cache file (`catalogue._assembled`).
+"""The catalogue: model names that name nothing (empty, not a string) are refused; models split
+over several packages are joined into one cache file (`catalogue._assembled`).
 
 The packages' own `assemble` is replaced here by a stand-in module with the same functions
 (`chunk_paths`, `default_output_path`, `assemble`): what is tested is how LucidLM calls it.
@@ -14,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from lucidlm.errors import ModelFileError
-from lucidlm.loading.catalogue import _assembled
+import lucidlm
+from lucidlm.errors import InvalidArgumentError, ModelFileError
+from lucidlm.loading.catalogue import DEFAULT_MODEL, _assembled, resolve
 
 
 def _parts_module(tmp_path: Path, chunks: list[bytes], corrupt: bool = False) -> types.ModuleType:
@@ -80,3 +82,26 @@ def test_failed_assembly_is_a_clear_error(tmp_path, monkeypatch):
         _assembled(module.__name__)
     assert "sha256" in str(info.value) and module.__name__ in str(info.value)
     assert list(module.default_output_path().parent.iterdir()) == []  # neither target nor partial
+
+
+# ----- model names that are not names -----
+
+@pytest.mark.parametrize("name", ["", "   "])
+def test_empty_model_name_is_an_error_not_the_default_model(name):
+    with pytest.raises(InvalidArgumentError, match="empty"):
+        resolve(name)
+    with pytest.raises(InvalidArgumentError, match="empty"):
+        lucidlm.load(name, progress=False)
+
+
+@pytest.mark.parametrize("name", [123, b"smollm2-135m-instruct", ["smollm2-135m-instruct"]])
+def test_model_name_of_the_wrong_type(name):
+    with pytest.raises(InvalidArgumentError) as info:
+        lucidlm.load(name, progress=False)
+    assert type(name).__name__ in str(info.value) and "\n" not in str(info.value)
+
+
+def test_path_objects_are_accepted(tmp_path):
+    (tmp_path / "m.gguf").write_bytes(b"")
+    assert resolve(tmp_path / "m.gguf") == tmp_path / "m.gguf"
+    assert resolve(None) == resolve(DEFAULT_MODEL)

@@ -82,7 +82,7 @@ def tiny_metadata(arch: str = "llama", **sizes) -> dict[str, tuple]:
         f"{arch}.attention.head_count_kv": (s["n_kv_heads"], V.UINT32),
         f"{arch}.rope.freq_base": (s["rope_base"], V.FLOAT32),
         f"{arch}.attention.layer_norm_rms_epsilon": (s["norm_eps"], V.FLOAT32),
-        f"{arch}.rope.dimension_count": (s["d_model"] // s["n_heads"], V.UINT32),
+        f"{arch}.rope.dimension_count": (s["d_model"] // max(s["n_heads"], 1), V.UINT32),  # (files with 0 heads too)
         "general.file_type": (0, V.UINT32),
         "tokenizer.ggml.model": ("gpt2", V.STRING),
         "tokenizer.ggml.pre": ("default", V.STRING),
@@ -485,3 +485,61 @@ def test_bad_alignment(tmp_path, alignment):
     patched = data[:16] + (n_kv + 1).to_bytes(8, "little") + entry + data[first_key:]
     (tmp_path / "m.gguf").write_bytes(patched)
     _raises(ModelFileError, tmp_path / "m.gguf", "alignment")
+
+
+# ----- metadata the model cannot be built from: a ModelFileError naming the file, before any tensor -----
+
+@pytest.mark.parametrize(("sizes", "fragment"), [
+    (dict(n_heads=0), "n_heads must be a positive integer, got 0"),  # was a ZeroDivisionError (d_model // n_heads)
+    (dict(n_kv_heads=0), "n_kv_heads must be a positive integer, got 0"),  # ZeroDivisionError (n_heads % n_kv_heads)
+    (dict(n_heads=4, n_kv_heads=3), "4 query heads cannot be grouped over 3 KV heads"),  # was a bare ValueError
+    (dict(n_layers=0), "n_layers must be a positive integer, got 0"),  # loaded a model without layers
+    (dict(context_length=0), "context_length must be a positive integer, got 0"),
+    (dict(rope_base=float("nan")), "rope_base must be a finite positive number, got nan"),  # generated nothing
+    (dict(rope_base=float("inf")), "rope_base must be a finite positive number, got inf"),
+    (dict(norm_eps=-1e-5), "norm_eps must be a finite positive number"),
+], ids=["heads-0", "kv-heads-0", "heads-not-grouped", "layers-0", "context-0", "rope-nan", "rope-inf", "eps-negative"])
+def test_unusable_config_values(tmp_path, sizes, fragment):
+    path = write_gguf(tmp_path / "m.gguf", tiny_metadata(**sizes), random_tiny_tensors())
+    _raises(ModelFileError, path, fragment, "m.gguf")
+
+
+def test_width_not_a_multiple_of_the_heads(tmp_path):
+    # No attention.key_length: the head size is d_model / n_heads, which must be whole (64 / 6 is not).
+    path = write_gguf(tmp_path / "m.gguf", tiny_metadata(n_heads=6, n_kv_heads=6), random_tiny_tensors())
+    _raises(ModelFileError, path, "d_model 64 is not a multiple of 6 heads", "m.gguf")
+
+
+def test_unusable_gemma3_config_value(tmp_path):
+    meta = tiny_metadata(arch="gemma3", n_heads=0)
+    meta["gemma3.attention.sliding_window"] = (16, V.UINT32)
+    path = write_gguf(tmp_path / "m.gguf", meta, random_tiny_tensors())
+    _raises(ModelFileError, path, "n_heads must be a positive integer, got 0", "m.gguf")
+
+
+def test_metadata_value_of_the_wrong_type(tmp_path):
+    meta = tiny_metadata()
+    meta["llama.block_count"] = ([1, 2], V.ARRAY, V.UINT32)
+    _raises(ModelFileError, write_gguf(tmp_path / "m.gguf", meta, random_tiny_tensors()), "m.gguf")
+
+
+# ----- tensors the model would not use: refused, as by the Hugging Face loader -----
+
+def test_layers_beyond_block_count_are_refused(tmp_path):
+    """block_count 1 over a file with 2 layers of tensors: the second would be silently ignored."""
+    path = write_gguf(tmp_path / "m.gguf", tiny_metadata(n_layers=1), random_tiny_tensors())
+    _raises(ModelFileError, path, "m.gguf", "does not use", "blk.1.")
+
+
+def test_unknown_tensor_is_refused(tmp_path):
+    tensors = random_tiny_tensors()
+    tensors["blk.0.attn_q.bias"] = np.zeros(TINY["d_model"], dtype=np.float32)  # a bias Llama never adds
+    path = write_gguf(tmp_path / "m.gguf", tiny_metadata(), tensors)
+    _raises(ModelFileError, path, "does not use: blk.0.attn_q.bias")
+
+
+def test_rope_freqs_tensor_is_skipped(tmp_path):
+    tensors = random_tiny_tensors()
+    tensors["rope_freqs.weight"] = np.ones(TINY["d_model"] // TINY["n_heads"] // 2, dtype=np.float32)
+    model = lucidlm.load(str(write_gguf(tmp_path / "m.gguf", tiny_metadata(), tensors)), progress=False)
+    assert model.model.config.n_layers == TINY["n_layers"]

@@ -240,3 +240,66 @@ def test_lucidlm_load_of_a_directory_generates_like_the_reference(tmp_path):
                           max_new_tokens=6, min_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
     expected = reference_tokenizer.decode(out[0, len(ids):])
     assert model.generate(prompt, max_new_tokens=6) == expected
+
+
+# ----- config values no model can be built from: a ModelFileError naming config.json -----
+
+SIZES = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=32)
+FAMILY_CONFIGS = {  # config.json of a tiny model of each family (the values are read before any tensor)
+    "llama": dict(model_type="llama", **SIZES),
+    "mistral": dict(model_type="mistral", **SIZES),
+    "mixtral": dict(model_type="mixtral", **SIZES),
+    "qwen2": dict(model_type="qwen2", **SIZES),
+    "qwen3": dict(model_type="qwen3", **SIZES),
+    "phi3": dict(model_type="phi3", **SIZES),
+    "gpt2": dict(model_type="gpt2", vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=32),
+    "bert": dict(model_type="bert", vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=48, max_position_embeddings=32),
+}
+HEADS = {"gpt2": "n_head"}
+LAYERS = {"gpt2": "n_layer"}
+
+
+def _config_error(tmp_path, family, **changes) -> str:
+    (tmp_path / "config.json").write_text(json.dumps({**FAMILY_CONFIGS[family], **changes}))
+    message = _error(tmp_path, ModelFileError)
+    assert "config.json" in message
+    return message
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_zero_or_negative_sizes(tmp_path, family):
+    """Were ZeroDivisionErrors (0 heads) or RuntimeErrors from building the model (negative sizes)."""
+    heads, layers = HEADS.get(family, "num_attention_heads"), LAYERS.get(family, "num_hidden_layers")
+    assert "n_heads must be a positive integer, got 0" in _config_error(tmp_path, family, **{heads: 0})
+    assert "vocab_size must be a positive integer, got -5" in _config_error(tmp_path, family, vocab_size=-5)
+    assert "n_layers must be a positive integer, got 0" in _config_error(tmp_path, family, **{layers: 0})
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "mixtral", "qwen2", "qwen3", "phi3"])
+def test_zero_kv_heads(tmp_path, family):
+    assert "n_kv_heads must be a positive integer, got 0" in _config_error(tmp_path, family, num_key_value_heads=0)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_width_not_a_multiple_of_the_heads(tmp_path, family):
+    """BERT with 7 heads over a width of 384 used to load, then fail at its first forward pass."""
+    heads = HEADS.get(family, "num_attention_heads")
+    changes = {heads: 7, "num_key_value_heads": 7} if family not in ("gpt2", "bert") else {heads: 7}
+    assert "d_model 32 is not a multiple of 7 heads" in _config_error(tmp_path, family, **changes)
+
+
+@pytest.mark.parametrize(("changes", "fragment"), [
+    (dict(rope_theta=float("nan")), "rope_base must be a finite positive number, got nan"),
+    (dict(rms_norm_eps=-1.0), "norm_eps must be a finite positive number, got -1.0"),
+    (dict(head_dim=7), "head_dim 7 is odd"),
+    (dict(head_dim="8"), "head_dim must be a positive integer, got '8'"),
+    (dict(sliding_window=-4), "sliding_window must be a positive integer, got -4"),
+])
+def test_unusable_decoder_values(tmp_path, changes, fragment):
+    assert fragment in _config_error(tmp_path, "mistral", **changes)
+
+
+def test_unusable_expert_counts(tmp_path):
+    assert "n_experts must be a positive integer, got 0" in _config_error(tmp_path, "mixtral", num_local_experts=0)

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import LucidError, ModelFileError
+from ..errors import InvalidArgumentError, LucidError, ModelFileError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -80,6 +80,19 @@ def _assembled(module_name: str) -> Path | None:
     return target
 
 
+def _model_name(name_or_path) -> str:
+    """The name as a string, refusing what names no model: an empty name (`-m ""`, an unset
+    variable) would otherwise be the current directory, or silently the default model."""
+    name = os.fspath(name_or_path) if isinstance(name_or_path, os.PathLike) else name_or_path
+    if not isinstance(name, str):
+        raise InvalidArgumentError(f"the model must be a catalogue name or a path, "
+                                   f"got {type(name).__name__} {name!r:.60}")
+    if not name.strip():
+        raise InvalidArgumentError(f"the model name is empty (catalogue: {', '.join(CATALOGUE)}; or a GGUF file "
+                                   "or Hugging Face directory)")
+    return name
+
+
 CATALOGUE = {
     e.name: e
     for e in [
@@ -101,9 +114,9 @@ CATALOGUE = {
 }
 
 
-def resolve(name_or_path: str | None) -> Path:
-    """A catalogue name or a file path -> the path of the model file (or directory)."""
-    name = name_or_path or DEFAULT_MODEL
+def resolve(name_or_path: str | os.PathLike | None) -> Path:
+    """A catalogue name or a file path (None: the default model) -> the path of the model file (or directory)."""
+    name = DEFAULT_MODEL if name_or_path is None else _model_name(name_or_path)
     if name in CATALOGUE:
         entry = CATALOGUE[name]
         path = entry.locate()

@@ -10,25 +10,17 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ModelFileError
 from ..models.gemma3 import Gemma3Config
+from .gguf_llama import metadata_reader, optional_int
 
 
 def gemma3_config(meta: dict, arch: str = "gemma3") -> Gemma3Config:
-    def key(name, default=None):
-        full = f"{arch}.{name}"
-        if full in meta:
-            return meta[full]
-        if default is None:
-            raise ModelFileError(f"GGUF metadata lacks required key '{full}'")
-        return default
-
+    key = metadata_reader(meta, arch)
     n_heads = int(key("attention.head_count"))
-    d_model = int(key("embedding_length"))
-    head_dim = int(key("attention.key_length", d_model // n_heads))
+    head_dim = optional_int(key("attention.key_length", None))  # None: the config derives d_model / n_heads
     return Gemma3Config(
         vocab_size=len(meta.get("tokenizer.ggml.tokens", [])) or int(key("vocab_size")),
-        d_model=d_model,
+        d_model=int(key("embedding_length")),
         n_layers=int(key("block_count")),
         n_heads=n_heads,
         n_kv_heads=int(key("attention.head_count_kv", n_heads)),
@@ -38,7 +30,7 @@ def gemma3_config(meta: dict, arch: str = "gemma3") -> Gemma3Config:
         sliding_window=int(key("attention.sliding_window")),
         rope_base=float(key("rope.freq_base", 1_000_000.0)),
         norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
-        query_pre_attn_scalar=float(head_dim),
+        query_pre_attn_scalar=None,  # = head_dim (Gemma3Config's default), derived or read
     )
 
 

@@ -15,25 +15,40 @@ from ..errors import ModelFileError
 from ..models.llama import LlamaConfig
 
 
-def llama_config(meta: dict, arch: str = "llama") -> LlamaConfig:
-    """Build the config from the `{arch}.*` metadata keys."""
+REQUIRED = object()  # `metadata_reader`'s default for keys that must be present
 
-    def key(name, default=None):
+
+def metadata_reader(meta: dict, arch: str):
+    """key(name, default=REQUIRED): the value of `{arch}.{name}`, `default` where it is absent.
+
+    Values are returned as read: the config checks their ranges (0 heads, a NaN RoPE base)
+    once, and `load_gguf` reports what it refuses as a ModelFileError naming the file."""
+
+    def key(name, default=REQUIRED):
         full = f"{arch}.{name}"
         if full in meta:
             return meta[full]
-        if default is None:
+        if default is REQUIRED:
             raise ModelFileError(f"GGUF metadata lacks required key '{full}'")
         return default
 
+    return key
+
+
+def optional_int(value) -> int | None:
+    return None if value is None else int(value)
+
+
+def llama_config(meta: dict, arch: str = "llama") -> LlamaConfig:
+    """Build the config from the `{arch}.*` metadata keys."""
+    key = metadata_reader(meta, arch)
     n_heads = int(key("attention.head_count"))
-    d_model = int(key("embedding_length"))
     vocab_size = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
     if not vocab_size:
         raise ModelFileError("GGUF metadata gives no vocabulary size")
     return LlamaConfig(
         vocab_size=int(vocab_size),
-        d_model=d_model,
+        d_model=int(key("embedding_length")),
         n_layers=int(key("block_count")),
         n_heads=n_heads,
         n_kv_heads=int(key("attention.head_count_kv", n_heads)),
@@ -41,7 +56,7 @@ def llama_config(meta: dict, arch: str = "llama") -> LlamaConfig:
         context_length=int(key("context_length")),
         rope_base=float(key("rope.freq_base", 10000.0)),
         norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-        head_dim=int(key("attention.key_length", d_model // n_heads)),
+        head_dim=optional_int(key("attention.key_length", None)),  # None: the config derives d_model / n_heads
         architecture=arch,
     )
 

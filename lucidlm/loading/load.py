@@ -103,6 +103,17 @@ def reuse_freed_memory() -> None:
         pass
 
 
+# Tensors llama.cpp's converters write that we do not read (every other unused tensor is refused).
+# rope_freqs.weight: Llama 3.1+'s RoPE frequency factors, which llama.cpp divides the frequencies
+# by. Not applied (yet): such a file rotates with plain RoPE, which differs from llama.cpp in the
+# low-frequency pairs (see `models.layers.llama3_scaled_inv_freq`), the more so the longer the context.
+SKIPPED_TENSORS = frozenset({"rope_freqs.weight"})
+
+
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+
+
 def _set_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
@@ -118,9 +129,11 @@ def load_gguf(path: str | Path, dtype: str = "float32", progress: bool = True) -
             f"{gguf.path}: architecture '{arch}' is not supported (supported: {', '.join(GGUF_ARCHITECTURES)})"
         )
     make_config, model_class, name_table, fix_up = GGUF_ARCHITECTURES[arch]
-    cfg = make_config(gguf.metadata, arch)
-    # No output.weight in the file means the LM head is the embedding table.
-    cfg = replace(cfg, tie_embeddings="output.weight" not in gguf.tensors)
+    try:
+        # No output.weight in the file means the LM head is the embedding table.
+        cfg = replace(make_config(gguf.metadata, arch), tie_embeddings="output.weight" not in gguf.tensors)
+    except (ValueError, TypeError, ModelFileError) as e:  # 0 heads, a NaN RoPE base, a list where a size goes ...
+        raise ModelFileError(f"{gguf.path}: {e}") from None
 
     with torch.device("meta"):
         model = model_class(cfg)
@@ -131,7 +144,12 @@ def load_gguf(path: str | Path, dtype: str = "float32", progress: bool = True) -
         names.pop("output.weight", None)
     missing = [g for g in names if g not in gguf.tensors]
     if missing:
-        raise ModelFileError(f"{gguf.path}: missing tensors {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+        raise ModelFileError(f"{gguf.path}: missing tensors {_few(missing)}")
+    # A tensor the model would not read means the file and its metadata disagree (layers beyond
+    # block_count, biases Llama has no place for): loading it anyway would compute another model.
+    unused = [g for g in gguf.tensors if g not in names and g not in SKIPPED_TENSORS]
+    if unused:
+        raise ModelFileError(f"{gguf.path}: file has tensors this model does not use: {_few(unused)}")
     for g, ours in names.items():
         info = gguf.tensors[g]
         check_supported(info.ggml_type, g)

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..introspect.hook_point import HookPoint
 from .layers import Embedding, scaled_dot_product_attention
+from .config_checks import check_counts, check_head_split, check_positive
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,11 @@ class BertConfig:
     norm_eps: float = 1e-12
     tie_embeddings: bool = False  # an encoder has no LM head to tie
     architecture: str = "bert"
+
+    def __post_init__(self):
+        check_counts(self, "vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "context_length", "type_vocab_size")
+        check_head_split(self)
+        check_positive(self, "norm_eps")
 
     @property
     def head_dim(self) -> int:

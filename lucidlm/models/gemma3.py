@@ -30,6 +30,7 @@ from ..introspect.hook_point import HookPoint
 from ..kernels import cpu_decode
 from .layers import (Embedding, RotaryEmbedding, pass_positions, project_gate_up, project_qkv,
                      scaled_dot_product_attention, takes_cpu_kernel, window_of_keys)
+from .config_checks import check_counts, check_decoder_config, check_positive
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,12 @@ class Gemma3Config:
     query_pre_attn_scalar: float | None = None  # defaults to head_dim
     tie_embeddings: bool = True
     architecture: str = "gemma3"
+
+    def __post_init__(self):
+        check_decoder_config(self)
+        check_counts(self, "sliding_window", "sliding_window_pattern")
+        check_positive(self, "rope_local_base")
+        check_positive(self, "query_pre_attn_scalar", optional=True)
 
     def is_global(self, layer_index: int) -> bool:
         return (layer_index + 1) % self.sliding_window_pattern == 0

@@ -27,6 +27,7 @@ from torch import nn
 from ..cache import KVCache
 from ..introspect.hook_point import HookPoint
 from .layers import Embedding, LayerNorm, pass_positions, scaled_dot_product_attention
+from .config_checks import check_counts, check_head_split, check_positive
 
 # config.json's "activation_function" -> the function; "gelu_new" is the tanh approximation
 # GPT-2 was trained with: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
@@ -52,8 +53,9 @@ class GPT2Config:
     architecture: str = "gpt2"
 
     def __post_init__(self):
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model {self.d_model} is not a multiple of {self.n_heads} heads")
+        check_counts(self, "vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "context_length")
+        check_head_split(self)
+        check_positive(self, "norm_eps")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation '{self.activation}' (known: {', '.join(ACTIVATIONS)})")
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..cache import KVCache
 from ..introspect.hook_point import HookPoint
+from .config_checks import check_counts, check_decoder_config, check_positive
 from .layers import (Embedding, FrequencyRotaryEmbedding, RMSNorm, RotaryEmbedding, SwiGLU, llama3_scaled_inv_freq,
                      pass_positions, project_qkv, rope_inv_freq, scaled_dot_product_attention,
                      window_of_keys)
@@ -50,10 +51,14 @@ class LlamaConfig:
     architecture: str = "llama"
 
     def __post_init__(self):
-        if self.head_dim is None:
-            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"{self.n_heads} query heads cannot be grouped over {self.n_kv_heads} KV heads")
+        check_decoder_config(self)
+        check_counts(self, "sliding_window", optional=True)
+        if self.rope_scaling is not None:
+            factor, low, high, original = self.rope_scaling
+            check_positive(factor=factor, low_freq_factor=low, high_freq_factor=high)
+            check_counts(self, original_context_length=original)
+            if low >= high:  # the band blended between them would divide by high - low <= 0
+                raise ValueError(f"RoPE low_freq_factor {low} is not below high_freq_factor {high}")
 
     @property
     def kv_bytes_per_token(self) -> int:

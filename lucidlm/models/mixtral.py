@@ -27,6 +27,7 @@ from torch import nn
 from ..cache import KVCache
 from ..introspect.hook_point import HookPoint
 from .layers import Embedding, RMSNorm, RotaryEmbedding, pass_positions
+from .config_checks import check_counts, check_decoder_config
 from .llama import Attention
 from .moe import SparseMoE
 
@@ -51,11 +52,10 @@ class MixtralConfig:
     architecture: str = "mixtral"
 
     def __post_init__(self):
-        if self.head_dim is None:
-            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"{self.n_heads} query heads cannot be grouped over {self.n_kv_heads} KV heads")
-        if not 0 < self.n_experts_per_token <= self.n_experts:
+        check_decoder_config(self)
+        check_counts(self, "sliding_window", optional=True)
+        check_counts(self, "n_experts", "n_experts_per_token")
+        if self.n_experts_per_token > self.n_experts:
             raise ValueError(f"cannot route to {self.n_experts_per_token} of {self.n_experts} experts")
 
     @property

@@ -22,6 +22,7 @@ from torch import nn
 from ..cache import KVCache
 from ..introspect.hook_point import HookPoint
 from .layers import Embedding, RMSNorm, RotaryEmbedding, pass_positions, scaled_dot_product_attention
+from .config_checks import check_counts, check_decoder_config
 
 
 @dataclass(frozen=True)
@@ -41,10 +42,8 @@ class Phi3Config:
     architecture: str = "phi3"
 
     def __post_init__(self):
-        if self.head_dim is None:
-            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"{self.n_heads} query heads cannot be grouped over {self.n_kv_heads} KV heads")
+        check_decoder_config(self)
+        check_counts(self, "sliding_window", optional=True)
 
     @property
     def kv_bytes_per_token(self) -> int:

@@ -20,6 +20,7 @@ from torch import nn
 from ..cache import KVCache
 from ..introspect.hook_point import HookPoint
 from .layers import Embedding, RMSNorm, RotaryEmbedding, SwiGLU, pass_positions, scaled_dot_product_attention
+from .config_checks import check_decoder_config
 
 
 @dataclass(frozen=True)
@@ -39,10 +40,7 @@ class Qwen3Config:
     architecture: str = "qwen3"
 
     def __post_init__(self):
-        if self.head_dim is None:
-            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"{self.n_heads} query heads cannot be grouped over {self.n_kv_heads} KV heads")
+        check_decoder_config(self)
 
     @property
     def kv_bytes_per_token(self) -> int:
