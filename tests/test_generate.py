@@ -91,6 +91,16 @@ def test_chat_template_renders_like_reference(lucid_smollm, hf_smollm_tokenizer,
     assert lucid_smollm.apply_chat_template(messages, add_generation_prompt) == expected
 
 
+@pytest.mark.parametrize(("messages", "message"), [
+    ([{"role": "wizard", "content": "Hi"}], "unknown role 'wizard'"),
+    ([{"role": "user"}], "string 'role' and 'content'"),
+    ([], "messages is empty"),
+])
+def test_chat_messages_are_checked(lucid_smollm, messages, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        lucid_smollm.apply_chat_template(messages)
+
+
 def test_prompt_lookup_keeps_the_greedy_answer_when_it_quotes_the_prompt(lucid_smollm):
     """A reply that copies most of its prompt: looked-up guesses are confirmed, the text is the same."""
     messages = [{"role": "user", "content": "Fix the spelling mistakes in this paragraph and return it: The printing "

@@ -26,9 +26,9 @@ from ..errors import LucidError
 from ..introspect.attention import attention_patterns
 from ..introspect.lens import logit_lens
 from ..introspect.token_labels import token_text
+from ..tokenizers.chat import CHAT_ROLES
 from .engine import EngineClosedError
 from .http_errors import APIError, error_response
-from .openai_schema import CHAT_ROLES
 
 STATIC = Path(__file__).with_name("static")
 PAGE_FILES = {"explorer.js": "text/javascript", "explorer.css": "text/css"}

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from ..decoding import DecodingOptions
 from ..errors import LucidError
 from ..generate import check_fits
+from ..tokenizers.chat import CHAT_ROLES
 from .engine import GenerationJob
 from .http_errors import APIError, from_lucid_error
 
@@ -61,9 +62,6 @@ class _GenerationBody(_Body):
 class TextPart(_Body):
     type: Literal["text"]
     text: str
-
-
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class ChatMessage(_Body):

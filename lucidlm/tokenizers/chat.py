@@ -20,6 +20,9 @@ def _raise_exception(message: str):
     raise TemplateError(message)
 
 
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")  # OpenAI's roles; templates know these
+
+
 def render_chat(template: str | None, messages: list[dict], add_generation_prompt: bool = True,
                 bos_token: str = "", eos_token: str = "", **extra) -> str:
     """Render `messages` with the model's chat template."""
@@ -30,6 +33,8 @@ def render_chat(template: str | None, messages: list[dict], add_generation_promp
     for m in messages:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise InvalidArgumentError("each message must be a dict with string 'role' and 'content'")
+        if m["role"] not in CHAT_ROLES:  # a template would render it as some other role, or drop it
+            raise InvalidArgumentError(f"unknown role {m['role']!r}: a message's role is one of {', '.join(CHAT_ROLES)}")
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = _raise_exception
     try:
