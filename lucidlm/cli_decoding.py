@@ -48,7 +48,7 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI presence penalty, in [-2, 2]")
     p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI frequency penalty, in [-2, 2]")
     p.add_argument("--logit-bias", action="append", default=None, metavar="ID=BIAS",
-                   help="add BIAS to token ID's logit (repeatable)")
+                   help="add BIAS, in [-100, 100] (-100 bans the token, 100 forces it), to token ID's logit (repeatable)")
     p.add_argument("--no-repeat-ngram-size", type=int, default=0, help="never repeat an n-gram of this size")
     p.add_argument("--min-new-tokens", type=int, default=0, help="hold back stop tokens until this many tokens")
     p.add_argument("--max-time", type=float, default=None, help="stop after this many seconds")
