@@ -130,6 +130,8 @@ class DecodingOptions:
                 raise InvalidArgumentError(f"{name} must be an integer in [1, {MAX_ROWS}], got {value!r}")
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
             raise InvalidArgumentError(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
+        if self.early_stopping not in (True, False, "never"):  # (checked here too: BeamParams only sees beam search)
+            raise InvalidArgumentError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         if not isinstance(self.use_cache, bool):
             raise InvalidArgumentError(f"use_cache must be True or False, got {self.use_cache!r}")
         for name in ("logprobs", "prompt_lookup"):

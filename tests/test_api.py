@@ -38,6 +38,7 @@ BAD_CALLS = {
     "empty stop string": (lambda m: m.generate("hi", stop=[""]), "stop must be"),
     "too many beams": (lambda m: m.generate("hi", num_beams=10**5), "num_beams must be an integer in [1, 64]"),
     "use_cache a string": (lambda m: m.generate("hi", use_cache="no"), "use_cache must be True or False"),
+    "early_stopping outside beam search": (lambda m: m.generate("hi", early_stopping="maybe"), "early_stopping must be"),
     "hook not callable": (lambda m: m.run_with_hooks("hi", hooks={"blocks.0.attn.hook_z": 5}), "not callable"),
     "hook returns a number": (lambda m: m.run_with_hooks("hi", hooks={"blocks.0.attn.hook_z": lambda x, n: 3}),
                               "returned int"),

@@ -369,12 +369,25 @@ def test_truncated_file_is_model_file_error(tmp_path, tiny_file):
                 GGUFFile(cut_file)
             except ModelFileError as e:
                 assert "\n" not in str(e) and "cut.gguf" in str(e)
+                assert "truncated" in str(e), (region, n, str(e))  # (not "corrupt array length")
             else:
                 pytest.fail(f"cut at byte {n} ({region}) was accepted")
     # And through the public loader, one cut per region:
     for region, points in cuts.items():
         cut_file.write_bytes(data[: points[len(points) // 2]])
         _raises(ModelFileError, cut_file)
+
+
+def test_a_file_cut_inside_a_long_array_says_truncated(tmp_path):
+    """The array's item count is read, and it is more than the bytes left: a truncated file (the
+    real SmolLM2 file cut at byte 5,000, inside its 49,152 tokens, said "corrupt array length")."""
+    metadata = {**tiny_metadata(), "test.long_array": (list(range(100_000)), V.ARRAY, V.UINT32)}
+    data = write_gguf(tmp_path / "long.gguf", metadata, random_tiny_tensors()).read_bytes()
+    key = data.index(b"test.long_array") + len(b"test.long_array")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: key + 4 + 4 + 8 + 40])  # value type, item type, item count, 10 of the items
+    with pytest.raises(ModelFileError, match="truncated"):
+        GGUFFile(cut)
 
 
 def test_unsupported_architecture(tmp_path):

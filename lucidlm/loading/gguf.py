@@ -149,7 +149,8 @@ class _Cursor:
         if value_type == _ARRAY:
             item_type, count = self.scalar("<I"), self.scalar("<Q")
             if count > len(self.buf):
-                raise ModelFileError(f"{self.path}: corrupt GGUF array length {count}")
+                raise ModelFileError(f"{self.path}: a GGUF array of {count} items does not fit in the "
+                                     f"{len(self.buf)} bytes read: the file is truncated or corrupt")
             if item_type in _SCALAR_FORMATS:
                 # One struct call for the whole array: token types and scores are 50k+ long.
                 fmt = _SCALAR_FORMATS[item_type]
