@@ -378,6 +378,12 @@ def test_truncated_file_is_model_file_error(tmp_path, tiny_file):
         _raises(ModelFileError, cut_file)
 
 
+def test_block_count_beyond_the_files_layers_is_refused_before_building(tmp_path):
+    metadata = {**tiny_metadata(), "llama.block_count": (4_000_000_000, V.UINT32)}
+    path = write_gguf(tmp_path / "many.gguf", metadata, random_tiny_tensors())
+    _raises(ModelFileError, path, "block_count is 4000000000, but the file has no tensors of layer")
+
+
 def test_a_file_cut_inside_a_long_array_says_truncated(tmp_path):
     """The array's item count is read, and it is more than the bytes left: a truncated file (the
     real SmolLM2 file cut at byte 5,000, inside its 49,152 tokens, said "corrupt array length")."""

@@ -134,6 +134,11 @@ def load_gguf(path: str | Path, dtype: str = "float32", progress: bool = True) -
         cfg = replace(make_config(gguf.metadata, arch), tie_embeddings="output.weight" not in gguf.tensors)
     except (ValueError, TypeError, ModelFileError) as e:  # 0 heads, a NaN RoPE base, a list where a size goes ...
         raise ModelFileError(f"{gguf.path}: {e}") from None
+    # Checked before the model is built: a block_count far beyond the file's layers (4e9) would
+    # otherwise spend minutes making modules before the tensors are compared.
+    if not any(name.startswith(f"blk.{cfg.n_layers - 1}.") for name in gguf.tensors):
+        raise ModelFileError(f"{gguf.path}: block_count is {cfg.n_layers}, but the file has no tensors "
+                             f"of layer {cfg.n_layers - 1}")
 
     with torch.device("meta"):
         model = model_class(cfg)
