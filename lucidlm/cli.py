@@ -183,7 +183,8 @@ def cmd_serve(args) -> int:
     from .server import create_app
 
     api_key = args.api_key or os.environ.get("LUCID_API_KEY")  # the variable keeps the key out of `ps`
-    model = load_model(args, DEFAULT_MODEL if args.model is None else args.model)  # by name, so that the API calls it by its catalogue name
+    # by name, so that the API calls it by its catalogue name ("" is left to the loader to refuse)
+    model = load_model(args, DEFAULT_MODEL if args.model is None else args.model)
     if args.compile:  # compile before the first request, not during it
         from .compile import warm_up
 

@@ -131,6 +131,7 @@ def _lens(model, args, ids: list[int], texts: list[str], payload: dict) -> str:
 
 MAX_ATTENTION_TOKENS = 1024  # SmolLM2: 30 layers x 9 heads x 1024² float32 weights = 1.1 GB
 
+
 def run_attention(model, args) -> int:
     from .introspect.attention import attention_patterns, check_head, check_layer
     from .viz.attention_page import attention_page

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from collections import defaultdict
 from dataclasses import asdict
 
@@ -61,10 +59,10 @@ def describe(lucid_model) -> dict:
     """Everything `lucid inspect` shows, as plain JSON-ready values."""
     model, cfg = lucid_model.model, lucid_model.config
     n_layers = cfg.n_layers
-    # what `new_cache` stores: the activations' dtype, or float16 keys and values in packed models
-    # (an encoder has no cache: None)
-    kv_dtype = getattr(model, "kv_dtype", None) or getattr(model, "compute_dtype", torch.float32)
+    # the dtype `new_cache` allocates (the activations', or float16 in packed models), asked of a
+    # one-slot cache rather than worked out again here; an encoder has no cache: None
     kv32 = getattr(cfg, "kv_bytes_per_token", None)
+    kv_dtype = None if kv32 is None else model.new_cache(1, 1).keys[0].dtype
     kv_bytes = None if kv32 is None else kv32 // 4 * kv_dtype.itemsize  # (the config counts float32 bytes)
     return {
         "name": lucid_model.name,
