@@ -43,7 +43,8 @@ def _kv_cache_line(d: dict, cfg) -> str:
         return "KV cache: none (an encoder reads its whole input at once; it generates nothing)"
     return (f"KV cache: {d['kv_cache_bytes_per_token']:,} bytes per token (K and V, {d['kv_cache_dtype']}, "
             f"{cfg.n_layers} layers x {cfg.n_kv_heads} KV heads x {cfg.head_dim}), "
-            f"{megabytes(d['kv_cache_bytes_full_context'])} for the full context")
+            f"{megabytes(d['kv_cache_bytes_full_context'])} for the full context\n"
+            f"decode steps: {d['decode_steps']}")
 
 
 def run_inspect(model, args) -> int:

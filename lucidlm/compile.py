@@ -49,7 +49,8 @@ import torch
 from torch import nn
 
 from .cuda_graphs import GraphedDecode
-from .introspect.hook_point import HookPoint
+from .direct_decode import DirectDecode
+from .introspect.hook_point import Observers
 from .models.layers import model_device
 from .models.fusion import fuse_projections
 
@@ -107,7 +108,9 @@ class CompiledDecode:
     """
 
     def __init__(self, model: nn.Module, progress: bool = True, inductor: bool = True):
-        self.eager = model.forward
+        self.eager = model.forward  # the model's forward, or the direct decode steps around it (packed models)
+        # what torch.compile traces: the model's own forward, never `direct_decode`'s steps
+        self.traced = self.eager.eager if isinstance(self.eager, DirectDecode) else self.eager
         self.compiled = None  # made at the first decode step: torch.compile imports Inductor (~2.5 s)
         self.graph_kinds: set[str] = set()  # "one position", "several positions": graphs compiled so far
         self.failed_kinds: set[str] = set()  # ... and those whose compilation failed (they run eagerly)
@@ -115,22 +118,17 @@ class CompiledDecode:
         self.state = "not yet compiled" if inductor else "not compiled (inductor=False)"
         # -> "compiled" | "failed: <reason>"
         self.graphs = GraphedDecode() if model_device(model).type == "cuda" else None
-        # Everything that makes an observer: hook points' listener lists, PyTorch's own module
-        # hooks (contrastive search reads the final norm's output with one), global hooks, and
-        # attention layers' `explicit` flag. The lists and dicts are filled and emptied in
-        # place, so one flat list of them is checked per step (~1,100 for SmolLM2: ~15 µs).
-        modules = list(model.modules())
-        self.hook_points = [value for module in modules for value in vars(module).values()
-                            if isinstance(value, HookPoint)]
-        self.watched = ([point.listeners for point in self.hook_points]
-                        + [m._forward_hooks for m in modules] + [m._forward_pre_hooks for m in modules]
-                        + [nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks])
-        self.attentions = [module for module in modules if hasattr(module, "explicit")]
+        self.observers = Observers(model)
+
+    @property
+    def decode_steps(self) -> str:
+        """How decode steps run, for `lucid inspect`."""
+        return f"torch.compile ({self.state})" + (" and CUDA graphs" if self.graphs is not None else "")
 
     def observed(self) -> bool:
         """Would anyone see inside this step? Then it must run eagerly: a compiled graph or a
         CUDA graph replay runs no Python, so listeners and hooks would silently not be called."""
-        return any(self.watched) or any(a.explicit for a in self.attentions)
+        return self.observers.any()
 
     def __call__(self, tokens: torch.Tensor, cache=None, *args, **kwargs) -> torch.Tensor:
         positions = tokens.shape[1]
@@ -164,7 +162,8 @@ class CompiledDecode:
         length = cache.length
         try:
             if self.compiled is None:
-                compiled = torch.compile(_own_frame(self.eager), dynamic=True, options={"guard_filter_fn": _keep_guard})
+                compiled = torch.compile(_own_frame(self.traced), dynamic=True,
+                                         options={"guard_filter_fn": _keep_guard})
                 self.compiled = _with_config(compiled, CPU_OPTIONS if self.graphs is None else {})
             logits = self.compiled(tokens, cache, *args, **kwargs)
         except torch._dynamo.exc.TorchDynamoException as error:

@@ -76,6 +76,8 @@ def describe(lucid_model) -> dict:
         "kv_cache_dtype": None if kv_bytes is None else str(kv_dtype).removeprefix("torch."),
         "kv_cache_bytes_per_token": kv_bytes,
         "kv_cache_bytes_full_context": None if kv_bytes is None else kv_bytes * cfg.context_length,
+        # how a decode step runs: the forward, or a wrapper installed as the forward (direct_decode, compile)
+        "decode_steps": None if kv32 is None else getattr(model.forward, "decode_steps", "eager forward"),
         "hook_points": {
             site.replace("{i}", f"{{0-{n_layers - 1}}}"): HOOK_SITES.get(site.removeprefix("blocks.{i}."), ("?",))[0]
             for site in hook_sites(model)

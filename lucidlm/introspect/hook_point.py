@@ -85,6 +85,28 @@ class HookPoint:
 _SITE_ORDER = {site: i for i, site in enumerate(HOOK_SITES)}
 
 
+
+class Observers:
+    """Whoever could be watching `model` run: hook points' listeners, PyTorch's own module hooks
+    (contrastive search reads the final norm's output with one) and global hooks, and attention
+    layers asked for explicit weights (`explicit`). A step that runs no Python per layer (a
+    compiled graph, a CUDA graph replay, `direct_decode`'s kernel calls) would skip them silently,
+    so those steps run the eager forward while `any()` is true. The lists and dicts are filled and
+    emptied in place, so one flat list of them is checked per step (~1,100 for SmolLM2: ~15 µs)."""
+
+    def __init__(self, model: nn.Module):
+        modules = list(model.modules())
+        self.hook_points = [value for module in modules for value in vars(module).values()
+                            if isinstance(value, HookPoint)]
+        self.watched = ([point.listeners for point in self.hook_points]
+                        + [m._forward_hooks for m in modules] + [m._forward_pre_hooks for m in modules]
+                        + [nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks])
+        self.attentions = [module for module in modules if hasattr(module, "explicit")]
+
+    def any(self) -> bool:
+        return any(self.watched) or any(a.explicit for a in self.attentions)
+
+
 def _forward_order(name: str) -> tuple[int, int]:
     """Sites before the blocks, then block by block in HOOK_SITES order, hook_final_norm last.
     Sites a family adds (not in HOOK_SITES) keep their place relative to each other, after the known ones."""

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from ..direct_decode import install as install_direct_decode
 from ..errors import ModelFileError, UnsupportedError
 from ..models.gemma3 import Gemma3
 from ..models.llama import Llama
@@ -245,6 +246,8 @@ def load_gguf(path: str | Path, dtype: str = "float32", progress: bool = True) -
             model.kv_dtype = torch.float16  # keys and values as the decode attention kernel reads them (half the bytes)
     model.compute_dtype = matrix_dtype
     model.eval()
+    if dtype == "packed" and dot:
+        install_direct_decode(model)  # decode steps as their kernel calls alone (direct_decode), same logits
     gguf.close()  # every tensor has been copied out; drop the mapped pages of the file
     release_freed_memory()
     reuse_freed_memory()  # from now on: forward passes reuse the memory of their temporaries

@@ -1,0 +1,224 @@
+"""Decode steps of packed models as the plain sequence of their kernel calls (the default where our CPU kernels run).
+
+A packed model on a CPU with AVX-512 VNNI (`kernels.cpu_decode`) already computes each piece of a
+decode step in one kernel call: the int8-dot matmuls, RMSNorm, RoPE, the gated activation and
+the attention over the cache. What is left of the eager forward around those ~210 calls is
+Python: 30 blocks' module calls, hook points, the checks that choose each kernel (dtype, device,
+shapes, whether anything is compiling or observing) and the views between them. On SmolLM2 that
+is a third of a step: 4.8 ms eager, of which the kernels take ~3.2 (bench/RESULTS.md, session 16).
+
+`DirectDecode` runs a step as those calls and nothing else: each layer's weights and settings
+are gathered once, when it is installed (`Layer`), and `layer_step` below is a block's forward
+written for one new position with every choice already made. It computes exactly what the eager
+forward computes: the same kernels, on the same values, in the same order, so the logits are
+equal bit for bit (tests/test_direct_decode.py compares them on SmolLM2, Gemma 3 and tiny
+models of each family, including batches with padding and sliding windows). Every test of the
+forward against transformers therefore holds for these steps too.
+
+It runs only the passes it was written for: one new position per sequence, onto a KV cache
+that already holds the prompt (not a static one, which CUDA graphs use), on the CPU, without
+gradients, while nobody observes the model (`hook_point.Observers`: a hook listener, a PyTorch
+module hook, or an attention layer asked for its weights). Everything else (prompts, prompt
+lookup's checking passes, introspection, `torch.compile`'s tracing) goes through the ordinary
+forward, which is where the model is defined and where it can be watched.
+
+The loader installs it for packed Llama-family and Gemma 3 models (`install`, from
+`loading.load`); `LUCIDLM_DIRECT_DECODE=0` keeps the eager forward (to compare them, say).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .introspect.hook_point import Observers
+from .kernels import cpu_decode
+from .models.dense_path import DENSE_FROM_ROWS
+from .models.dot_linear import Int8DotLinear
+from .models.gemma3 import Gemma3, GemmaRMSNorm
+from .models.layers import RotaryEmbedding, pass_positions, window_of_keys
+from .models.llama import Llama
+
+
+class Norm(NamedTuple):
+    """An RMSNorm's arguments to `cpu_decode.rms_norm`: Gemma's weights are stored minus one (offset 1)."""
+    weight: torch.Tensor
+    eps: float
+    offset: float
+
+    @classmethod
+    def of(cls, norm: nn.Module) -> "Norm":
+        return cls(norm.weight, norm.eps, 1.0 if isinstance(norm, GemmaRMSNorm) else 0.0)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_decode.rms_norm(x, self.weight, self.eps, self.offset)
+
+
+class Matmul(NamedTuple):
+    """An `Int8DotLinear`'s tensors, for its kernel path (which it takes for fewer than
+    `dense_path.DENSE_FROM_ROWS` rows): x (..., K) float32 -> x Wᵀ (+ b), (..., N) float32."""
+    weights: torch.Tensor
+    scales: torch.Tensor
+    bits: int
+    bias: torch.Tensor | None
+    part_sizes: list[int] | None  # of stacked layers' outputs ([q | k | v], [gate | up])
+
+    @classmethod
+    def of(cls, linear: Int8DotLinear) -> "Matmul":
+        return cls(linear.weights, linear.scales, linear.bits, linear.bias, getattr(linear, "part_sizes", None))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = cpu_decode.matmul(x, self.weights, self.scales, self.bits)
+        return y if self.bias is None else y + self.bias
+
+
+class Layer(NamedTuple):
+    """One block's weights and settings, as `layer_step` uses them. The optional norms are Gemma 3's."""
+    index: int  # the block's number: its slot in the KV cache
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    attention_norm: Norm  # before attention (input_layernorm)
+    qkv: tuple[Matmul, ...]  # ([q | k | v] stacked) or (q, k, v)
+    q_norm: Norm | None  # QK-norm over each head's D values (Gemma 3), before RoPE
+    k_norm: Norm | None
+    rope: RotaryEmbedding  # Gemma 3's local and global layers rotate at different bases
+    window: int | None  # sliding window: keys at most this many slots back
+    scale: float  # of q kᵀ
+    o: Matmul
+    attention_out_norm: Norm | None  # on attention's output, before the residual add (Gemma 3)
+    mlp_norm: Norm  # before the MLP (post_attention_layernorm in Llama, pre_feedforward_layernorm in Gemma 3)
+    gate_up: Matmul  # [gate | up] rows stacked
+    activation: str  # of the gate: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    down: Matmul
+    mlp_out_norm: Norm | None  # on the MLP's output, before the residual add (Gemma 3)
+
+
+def layer_step(layer: Layer, x: torch.Tensor, angles, mask: torch.Tensor | None, cache) -> torch.Tensor:
+    """One block for one new position per sequence: x (B, 1, C) -> (B, 1, C). The block's eager forward
+    (models/llama.py, models/gemma3.py) with no hook points and the kernel paths taken."""
+    B = x.shape[0]
+    H, H_kv, D = layer.n_heads, layer.n_kv_heads, layer.head_dim
+    normed = layer.attention_norm(x)
+    if len(layer.qkv) == 1:  # q, k, v stacked (fusion.fuse_projections)
+        q, k, v = layer.qkv[0](normed).split(layer.qkv[0].part_sizes, dim=-1)  # (B, 1, ·)
+    else:  # three layers (of different bit widths, which do not stack)
+        q, k, v = (projection(normed) for projection in layer.qkv)
+    q = q.view(B, 1, H, D).transpose(1, 2)  # (B, H, 1, D)
+    k = k.view(B, 1, H_kv, D).transpose(1, 2)  # (B, H_kv, 1, D)
+    v = v.view(B, 1, H_kv, D).transpose(1, 2)
+    if layer.q_norm is not None:
+        q, k = layer.q_norm(q), layer.k_norm(k)
+    cos, signed_sin = angles[layer.rope]  # (B, 1, 1, D)
+    q, k = cpu_decode.rotary(q, cos, signed_sin), cpu_decode.rotary(k, cos, signed_sin)
+    k, v = cache.update(layer.index, k, v)  # (B, H_kv, S, D), the cache's dtype
+    k, v, mask = window_of_keys(k, v, mask, layer.window, cache)
+    z = cpu_decode.decode_attention(q, k, v, mask, layer.scale)  # (B, H, 1, D)
+    attention_out = layer.o(z.transpose(1, 2).reshape(B, 1, H * D))
+    if layer.attention_out_norm is not None:
+        attention_out = layer.attention_out_norm(attention_out)
+    x = x + attention_out
+    mlp_out = layer.down(cpu_decode.gated_activation(layer.gate_up(layer.mlp_norm(x)), layer.activation))
+    if layer.mlp_out_norm is not None:
+        mlp_out = layer.mlp_out_norm(mlp_out)
+    return x + mlp_out
+
+
+class DirectDecode:
+    """A packed model's forward that runs decode steps as `layer_step`s and everything else eagerly.
+
+    Installed as the model's `forward` by `install`; takes the same arguments (tokens (B, T), cache,
+    valid, last_only) and returns the same logits (B, T, V).
+    """
+
+    decode_steps = "direct kernel calls (lucidlm.direct_decode; hooks and other passes: the eager forward)"
+
+    def __init__(self, model: nn.Module):
+        self.eager = model.forward  # the model's own forward
+        self.observers = Observers(model)
+        cfg = model.config
+        self.embed_tokens, self.final_norm, self.lm_head = model.embed_tokens, Norm.of(model.norm), model.lm_head
+        # Gemma 3 scales the embedding by sqrt(C), rounded to the activations' dtype (as its forward does)
+        self.embed_scale = (torch.tensor(cfg.d_model**0.5, dtype=model.compute_dtype)
+                            if isinstance(model, Gemma3) else None)
+        self.layers = [_gather(block, model) for block in model.layers]
+
+    def __call__(self, tokens: torch.Tensor, cache=None, valid: torch.Tensor | None = None,
+                 last_only: bool = False) -> torch.Tensor:
+        if (torch.compiler.is_compiling() or cache is None or cache.static or valid is not None
+                or tokens.shape[1] != 1 or tokens.shape[0] >= DENSE_FROM_ROWS or tokens.device.type != "cpu"
+                or torch.is_grad_enabled() or self.observers.any()):
+            return self.eager(tokens, cache, valid, last_only)  # (last_only changes nothing for one position)
+        return self.step(tokens, cache)
+
+    def step(self, tokens: torch.Tensor, cache) -> torch.Tensor:
+        """tokens (B, 1) -> logits (B, 1, V), the new position's keys and values stored in `cache`."""
+        where = pass_positions(tokens, None, cache)  # the new tokens' positions; the cache's validity
+        ropes = {layer.rope for layer in self.layers}
+        angles = {rope: rope.angles_at(where.positions, torch.float32) for rope in ropes}  # (B, 1, 1, D) each
+        masks = {window: where.mask(window=window) for window in {layer.window for layer in self.layers}}
+        x = self.embed_tokens(tokens)  # (B, 1, C)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
+        for layer in self.layers:
+            x = layer_step(layer, x, angles, masks[layer.window], cache)
+        cache.advance(1)
+        return self.lm_head(self.final_norm(x)).float()  # (B, 1, V)
+
+
+def _gather(block: nn.Module, model: nn.Module) -> Layer:
+    attention, mlp = block.self_attn, block.mlp
+    gemma = isinstance(model, Gemma3)
+    if gemma:
+        rope = model.rope_global if attention.is_global else model.rope_local
+        scale = attention.scale
+    else:
+        rope, scale = model.rope, attention.head_dim**-0.5
+    optional = lambda norm: None if norm is None else Norm.of(norm)  # noqa: E731
+    return Layer(
+        index=attention.layer_index, n_heads=attention.n_heads, n_kv_heads=attention.n_kv_heads,
+        head_dim=attention.head_dim, attention_norm=Norm.of(block.input_layernorm), qkv=_projections(attention),
+        q_norm=optional(getattr(attention, "q_norm", None)), k_norm=optional(getattr(attention, "k_norm", None)),
+        rope=rope, window=attention.window, scale=scale, o=Matmul.of(attention.o_proj),
+        attention_out_norm=Norm.of(block.post_attention_layernorm) if gemma else None,
+        mlp_norm=Norm.of(block.pre_feedforward_layernorm if gemma else block.post_attention_layernorm),
+        gate_up=Matmul.of(mlp.gate_up_proj), activation="gelu_tanh" if gemma else "silu",
+        down=Matmul.of(mlp.down_proj), mlp_out_norm=Norm.of(block.post_feedforward_layernorm) if gemma else None)
+
+
+def _projections(attention: nn.Module) -> tuple[Matmul, ...]:
+    if attention.qkv_proj is not None:
+        return (Matmul.of(attention.qkv_proj),)
+    return tuple(Matmul.of(p) for p in (attention.q_proj, attention.k_proj, attention.v_proj))
+
+
+def applies(model: nn.Module) -> bool:
+    """Whether `DirectDecode` computes what this model's forward computes: a Llama-family or Gemma 3
+    model whose forward takes the kernel path at every step of a decode step (the packed loader's
+    settings where `cpu_decode.available()`), float32 activations, a cache the attention kernel reads."""
+    if type(model) not in (Llama, Gemma3) or model.compute_dtype != torch.float32:
+        return False
+    modules = list(model.modules())
+    norms_and_ropes = [m for m in modules if hasattr(m, "cpu_kernel")]
+    attentions = [block.self_attn for block in model.layers]
+    linears = [m for block in model.layers
+               for m in ([block.self_attn.qkv_proj] if block.self_attn.qkv_proj is not None else
+                         [block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj])
+               + [block.self_attn.o_proj, block.mlp.gate_up_proj, block.mlp.down_proj]]
+    return (all(m.cpu_kernel for m in norms_and_ropes) and all(a.decode_kernel for a in attentions)
+            and all(isinstance(m, Int8DotLinear) for m in linears)
+            and cpu_decode.attention_fits(model.config.head_dim)
+            and (model.kv_dtype or model.compute_dtype) in (torch.float16, torch.float32))
+
+
+def install(model: nn.Module) -> DirectDecode | None:
+    """Make `model`'s decode steps direct (module docstring) where that `applies`; returns the installed
+    `DirectDecode`, or None (the model keeps its forward). LUCIDLM_DIRECT_DECODE=0: never."""
+    if os.environ.get("LUCIDLM_DIRECT_DECODE", "1") == "0" or not applies(model):
+        return None
+    if not isinstance(model.forward, DirectDecode):
+        model.forward = DirectDecode(model)
+    return model.forward

@@ -1,0 +1,226 @@
+"""Direct decode steps (lucidlm/direct_decode.py) against the eager forward they stand in for.
+
+The claim is exactness: a direct step calls the same kernels on the same values in the same order
+as the forward, so its logits and the keys and values it stores are the forward's bit for bit.
+Each test runs one model's decode twice, on two caches, once through `DirectDecode.step` and once
+through the model's own forward (`DirectDecode.eager`), and compares with `torch.equal`. The forward
+itself is held to transformers elsewhere (tests/test_cache.py on the tiny model below, the real
+models' tests): whatever those prove of it holds for the direct steps. Also: which passes take the
+direct path and which must not (anything observed, anything but one new position per sequence).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import lucidlm
+from lucidlm import direct_decode
+from lucidlm.direct_decode import DirectDecode
+from lucidlm.kernels import cpu_decode
+
+pytestmark = pytest.mark.skipif(not cpu_decode.available(), reason="direct steps call the AVX-512 VNNI kernels")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny Q4_1 Llama GGUF (4 heads of 16 values, 2 KV heads, 256 positions), packed."""
+    from gguf import GGMLQuantizationType
+    from test_loading_gguf import hf_llama_and_gguf_tensors, tiny_metadata, write_gguf
+
+    _, tensors = hf_llama_and_gguf_tensors(tie=True, encoding=GGMLQuantizationType.Q4_1)
+    path = write_gguf(tmp_path_factory.mktemp("direct") / "tiny.gguf", tiny_metadata(), tensors)
+    return lucidlm.load(str(path), progress=False).model
+
+
+def _ids(vocab: int, batch: int, n: int, seed: int) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, vocab, size=(batch, n)))
+
+
+def assert_steps_are_the_forwards(model, prompt: torch.Tensor, steps: int, valid: torch.Tensor | None = None) -> int:
+    """Prefill `prompt` (B, T) into two caches, then feed the same `steps` tokens per row, one position at
+    a time, through the direct step and through the forward: equal logits and caches at every step.
+    Returns how many steps ran direct (all of them, or the test proves nothing)."""
+    direct = model.forward
+    assert isinstance(direct, DirectDecode)
+    B, T = prompt.shape
+    caches = [model.new_cache(B, T + steps), model.new_cache(B, T + steps)]
+    feed = _ids(model.config.vocab_size, B, steps, seed=T)
+    calls = 0
+    with torch.inference_mode():
+        for cache in caches:
+            model(prompt, cache, valid)
+        for t in range(steps):
+            token = feed[:, t:t + 1]
+            ours = model(token, caches[0])  # through DirectDecode.__call__, as generation calls it
+            calls += 1
+            theirs = direct.eager(token, caches[1])
+            assert torch.equal(ours, theirs), f"step {t}: max difference {(ours - theirs).abs().max().item()}"
+    assert caches[0].length == caches[1].length == T + steps
+    for mine, reference in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values):
+        assert torch.equal(mine, reference)
+    return calls
+
+
+def _count_direct_steps(monkeypatch) -> list[int]:
+    calls = []
+    original = DirectDecode.step
+
+    def counted(self, tokens, cache):
+        calls.append(tokens.shape[0])
+        return original(self, tokens, cache)
+
+    monkeypatch.setattr(DirectDecode, "step", counted)
+    return calls
+
+
+def test_tiny_model_steps_are_the_forwards_bit_for_bit(tiny, monkeypatch):
+    calls = _count_direct_steps(monkeypatch)
+    assert_steps_are_the_forwards(tiny, _ids(tiny.config.vocab_size, 1, 20, seed=1), steps=30)
+    assert len(calls) == 30  # every step went the direct way
+
+
+def test_a_left_padded_batch(tiny, monkeypatch):
+    """Rows of different lengths, left padding marked in `valid` at the prompt: the steps' positions and
+    masks come from the cache's validity, as in the forward."""
+    calls = _count_direct_steps(monkeypatch)
+    prompt = _ids(tiny.config.vocab_size, 3, 12, seed=2)
+    valid = torch.ones(3, 12, dtype=torch.bool)
+    valid[1, :5] = False
+    valid[2, :9] = False
+    assert_steps_are_the_forwards(tiny, prompt, steps=15, valid=valid)
+    assert calls == [3] * 15
+
+
+def test_generation_is_unchanged(tiny):
+    """`generate_tokens` (prefill, then steps with `last_only`) with and without the direct steps: the same
+    tokens, greedy and sampled with a seed (LUCIDLM_DIRECT_DECODE=0's effect)."""
+    from lucidlm.generate import generate_tokens
+    from lucidlm.sampling import SamplingParams, make_sampler
+
+    prompt = _ids(tiny.config.vocab_size, 1, 9, seed=3)[0].tolist()
+    direct = tiny.forward
+
+    def run(params: SamplingParams) -> list[int]:
+        with torch.inference_mode():
+            return [s.token_id for s in generate_tokens(tiny, prompt, make_sampler(params), max_new_tokens=40)]
+
+    for params in (SamplingParams(), SamplingParams(temperature=1.0, top_p=0.9, seed=3)):
+        ours = run(params)
+        tiny.forward = direct.eager
+        try:
+            theirs = run(params)
+        finally:
+            tiny.forward = direct
+        assert ours == theirs and len(ours) == 40
+
+
+def test_observed_steps_run_the_forward(tiny, monkeypatch):
+    """A hook listener, a PyTorch forward hook and an attention layer asked for its weights each see the
+    step: the direct path, which calls no hooks, must not run then."""
+    calls = _count_direct_steps(monkeypatch)
+    seen = []
+    ids = _ids(tiny.config.vocab_size, 1, 6, seed=4)
+    block = tiny.layers[1]
+
+    def step():
+        with torch.inference_mode():
+            cache = tiny.new_cache(1, 8)
+            tiny(ids[:, :5], cache)
+            tiny(ids[:, 5:6], cache)
+
+    block.hook_resid_post.listeners.append(lambda x, name: seen.append(("listener", x.shape[1])))
+    try:
+        step()
+    finally:
+        block.hook_resid_post.listeners.clear()
+    handle = block.register_forward_hook(lambda module, args, out: seen.append(("module hook", out.shape[1])))
+    try:
+        step()
+    finally:
+        handle.remove()
+    block.self_attn.explicit = True
+    try:
+        step()
+    finally:
+        block.self_attn.explicit = False
+    assert calls == []
+    assert seen == [("listener", 5), ("listener", 1), ("module hook", 5), ("module hook", 1)]
+    step()  # nobody watching any more
+    assert calls == [1]
+
+
+def test_other_passes_run_the_forward(tiny, monkeypatch):
+    """Prompts, several positions onto a cache (prompt lookup's check), no cache, a static cache (CUDA
+    graphs'), an explicit `valid`, and passes that record gradients: none of them is a direct step."""
+    calls = _count_direct_steps(monkeypatch)
+    ids = _ids(tiny.config.vocab_size, 1, 12, seed=5)
+    with torch.inference_mode():
+        cache = tiny.new_cache(1, 16)
+        tiny(ids[:, :6], cache)
+        tiny(ids[:, 6:9], cache)
+        tiny(ids[:, :3])
+        tiny(ids[:, 9:10], cache, torch.ones(1, 1, dtype=torch.bool))
+        static = tiny.new_cache(1, 16)
+        static.make_static()
+        tiny(ids[:, :6], static)
+        tiny(ids[:, 6:7], static)
+    cache = tiny.new_cache(1, 16)
+    with torch.no_grad():
+        tiny(ids[:, :6], cache)
+    with torch.enable_grad():
+        tiny(ids[:, 6:7], cache)
+    assert calls == []
+
+
+def _q4_1_file(path, **sizes):
+    """A random tiny Llama GGUF whose matrices are Q4_1 (packed: int8-dot layers)."""
+    import gguf
+    from test_loading_gguf import random_tiny_tensors, tiny_metadata, write_gguf
+
+    tensors = {name: (gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q4_1), gguf.GGMLQuantizationType.Q4_1)
+               if w.ndim == 2 else w for name, w in random_tiny_tensors(**sizes).items()}
+    return write_gguf(path, tiny_metadata(**sizes), tensors)
+
+
+def test_installed_only_where_it_computes_the_forward(tmp_path, tiny, monkeypatch):
+    """Installed by the loader on packed models whose every step takes the kernel path; not on float32
+    models, not where the attention kernel cannot take the heads (8 values), not when turned off."""
+    from test_loading_gguf import random_tiny_tensors, tiny_metadata, write_gguf
+
+    from lucidlm.introspect.architecture import describe
+
+    path = _q4_1_file(tmp_path / "q4_1.gguf")
+    packed, exact = lucidlm.load(str(path), progress=False), lucidlm.load(str(path), progress=False, dtype="float32")
+    assert isinstance(packed.model.forward, DirectDecode) and not isinstance(exact.model.forward, DirectDecode)
+    assert describe(packed)["decode_steps"].startswith("direct kernel calls")  # what `lucid inspect` says
+    assert describe(exact)["decode_steps"] == "eager forward"
+    dense = write_gguf(tmp_path / "f32.gguf", tiny_metadata(), random_tiny_tensors())  # no packed layers
+    assert not isinstance(lucidlm.load(str(dense), progress=False).model.forward, DirectDecode)
+    narrow = _q4_1_file(tmp_path / "h8.gguf", n_heads=8, n_kv_heads=2)  # d_model 64: heads of 8
+    narrow_model = lucidlm.load(str(narrow), progress=False).model
+    assert narrow_model.config.head_dim == 8 and not isinstance(narrow_model.forward, DirectDecode)
+    assert direct_decode.install(tiny) is tiny.forward  # installing twice keeps the one there
+    monkeypatch.setenv("LUCIDLM_DIRECT_DECODE", "0")
+    assert not isinstance(lucidlm.load(str(path), progress=False).model.forward, DirectDecode)
+
+
+@pytest.mark.slow
+def test_smollm2_steps_are_the_forwards(smollm_path, monkeypatch):
+    calls = _count_direct_steps(monkeypatch)
+    model = lucidlm.load(str(smollm_path), progress=False).model
+    assert_steps_are_the_forwards(model, _ids(model.config.vocab_size, 1, 40, seed=6), steps=24)
+    assert_steps_are_the_forwards(model, _ids(model.config.vocab_size, 2, 9, seed=7), steps=8)
+    assert len(calls) == 32
+
+
+@pytest.mark.slow
+def test_gemma3_steps_are_the_forwards_across_its_window(gemma_path, monkeypatch):
+    """Gemma 3: QK-norm, four norms a block, GeGLU, local layers (512-position window, their own RoPE
+    base) between global ones, q/k/v of mixed bit widths in some layers. The prompt ends 6 positions
+    before the window is full, so the steps cross it: local layers then cut their keys."""
+    calls = _count_direct_steps(monkeypatch)
+    model = lucidlm.load(str(gemma_path), progress=False).model
+    assert model.config.sliding_window == 512
+    assert_steps_are_the_forwards(model, _ids(model.config.vocab_size, 1, 506, seed=8), steps=12)
+    assert_steps_are_the_forwards(model, _ids(model.config.vocab_size, 2, 7, seed=9), steps=6)
+    assert len(calls) == 18
