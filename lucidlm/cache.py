@@ -93,10 +93,17 @@ class KVCache:
             self.values[layer][:, :, self.length : end] = v
             if self.length == 0:
                 return k, v
-            return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+            return self.in_use(layer, k.shape[2])
         self.keys[layer].index_copy_(2, self._slots, k.to(self.keys[layer].dtype))  # (index_copy_ does not convert)
         self.values[layer].index_copy_(2, self._slots, v.to(self.values[layer].dtype))
         return self.keys[layer], self.values[layer]
+
+    def in_use(self, layer: int, new: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of a layer's keys and values over the slots in use once a pass of `new` positions is
+        stored, (B, H_kv, length + new, D): what `update` returns after writing them, for a kernel that
+        writes them itself (`cpu_decode.rope_and_store`, in direct decode steps). Not for static caches."""
+        end = self.length + new
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def advance(self, n: int) -> None:
         self.length += n

@@ -5,15 +5,18 @@ decode step in one kernel call: the int8-dot matmuls, RMSNorm, RoPE, the gated a
 the attention over the cache. What is left of the eager forward around those ~210 calls is
 Python: 30 blocks' module calls, hook points, the checks that choose each kernel (dtype, device,
 shapes, whether anything is compiling or observing) and the views between them. On SmolLM2 that
-is a third of a step: 4.8 ms eager, of which the kernels take ~3.2 (bench/RESULTS.md, session 16).
+was a third of a step (bench/RESULTS.md, session 16).
 
 `DirectDecode` runs a step as those calls and nothing else: each layer's weights and settings
 are gathered once, when it is installed (`Layer`), and `layer_step` below is a block's forward
-written for one new position with every choice already made. It computes exactly what the eager
-forward computes: the same kernels, on the same values, in the same order, so the logits are
-equal bit for bit (tests/test_direct_decode.py compares them on SmolLM2, Gemma 3 and tiny
-models of each family, including batches with padding and sliding windows). Every test of the
-forward against transformers therefore holds for these steps too.
+written for one new position with every choice already made. The stretch from the q/k/v
+projections into the cache (split views, QK-norm, two rotations, two converting copies: ~14
+operations, 13 µs of a SmolLM2 layer) is one kernel call, `cpu_decode.rope_and_store`, which runs
+the norm's and the rotation's own code and rounds to float16 as PyTorch's copy does. So a step
+computes exactly what the eager forward computes, the same arithmetic in the same order: logits
+and cache equal bit for bit (tests/test_direct_decode.py: SmolLM2, Gemma 3 across its sliding
+window, a tiny random Llama, padded batches). Every test of the forward against transformers
+therefore holds for these steps too. SmolLM2: 4.8 ms a step eager, 3.5 direct; Gemma 3: 6.6 and 5.3.
 
 It runs only the passes it was written for: one new position per sequence, onto a KV cache
 that already holds the prompt (not a static one, which CUDA graphs use), on the CPU, without
@@ -83,8 +86,7 @@ class Layer(NamedTuple):
     head_dim: int
     attention_norm: Norm  # before attention (input_layernorm)
     qkv: tuple[Matmul, ...]  # ([q | k | v] stacked) or (q, k, v)
-    q_norm: Norm | None  # QK-norm over each head's D values (Gemma 3), before RoPE
-    k_norm: Norm | None
+    qk_norm: tuple  # (q weight, k weight, eps, offset): QK-norm over each head's D values before RoPE (Gemma 3), or ()
     rope: RotaryEmbedding  # Gemma 3's local and global layers rotate at different bases
     window: int | None  # sliding window: keys at most this many slots back
     scale: float  # of q kᵀ
@@ -107,14 +109,11 @@ def layer_step(layer: Layer, x: torch.Tensor, angles, mask: torch.Tensor | None,
         q, k, v = layer.qkv[0](normed).split(layer.qkv[0].part_sizes, dim=-1)  # (B, 1, ·)
     else:  # three layers (of different bit widths, which do not stack)
         q, k, v = (projection(normed) for projection in layer.qkv)
-    q = q.view(B, 1, H, D).transpose(1, 2)  # (B, H, 1, D)
-    k = k.view(B, 1, H_kv, D).transpose(1, 2)  # (B, H_kv, 1, D)
-    v = v.view(B, 1, H_kv, D).transpose(1, 2)
-    if layer.q_norm is not None:
-        q, k = layer.q_norm(q), layer.k_norm(k)
     cos, signed_sin = angles[layer.rope]  # (B, 1, 1, D)
-    q, k = cpu_decode.rotary(q, cos, signed_sin), cpu_decode.rotary(k, cos, signed_sin)
-    k, v = cache.update(layer.index, k, v)  # (B, H_kv, S, D), the cache's dtype
+    # QK-norm (Gemma 3), RoPE on q and k, k and v into the cache's next slot: one kernel call
+    q = cpu_decode.rope_and_store(q, k, v, H, cos, signed_sin, cache.keys[layer.index], cache.values[layer.index],
+                                  cache.length, *layer.qk_norm)  # (B, H, 1, D)
+    k, v = cache.in_use(layer.index, 1)  # (B, H_kv, S, D), the cache's dtype
     k, v, mask = window_of_keys(k, v, mask, layer.window, cache)
     z = cpu_decode.decode_attention(q, k, v, mask, layer.scale)  # (B, H, 1, D)
     attention_out = layer.o(z.transpose(1, 2).reshape(B, 1, H * D))
@@ -148,7 +147,7 @@ class DirectDecode:
 
     def __call__(self, tokens: torch.Tensor, cache=None, valid: torch.Tensor | None = None,
                  last_only: bool = False) -> torch.Tensor:
-        if (torch.compiler.is_compiling() or cache is None or cache.static or valid is not None
+        if (torch.compiler.is_compiling() or cache is None or cache.static or cache.length == 0 or valid is not None
                 or tokens.shape[1] != 1 or tokens.shape[0] >= DENSE_FROM_ROWS or tokens.device.type != "cpu"
                 or torch.is_grad_enabled() or self.observers.any()):
             return self.eager(tokens, cache, valid, last_only)  # (last_only changes nothing for one position)
@@ -177,16 +176,23 @@ def _gather(block: nn.Module, model: nn.Module) -> Layer:
         scale = attention.scale
     else:
         rope, scale = model.rope, attention.head_dim**-0.5
-    optional = lambda norm: None if norm is None else Norm.of(norm)  # noqa: E731
     return Layer(
         index=attention.layer_index, n_heads=attention.n_heads, n_kv_heads=attention.n_kv_heads,
         head_dim=attention.head_dim, attention_norm=Norm.of(block.input_layernorm), qkv=_projections(attention),
-        q_norm=optional(getattr(attention, "q_norm", None)), k_norm=optional(getattr(attention, "k_norm", None)),
+        qk_norm=_qk_norm(attention),
         rope=rope, window=attention.window, scale=scale, o=Matmul.of(attention.o_proj),
         attention_out_norm=Norm.of(block.post_attention_layernorm) if gemma else None,
         mlp_norm=Norm.of(block.pre_feedforward_layernorm if gemma else block.post_attention_layernorm),
         gate_up=Matmul.of(mlp.gate_up_proj), activation="gelu_tanh" if gemma else "silu",
         down=Matmul.of(mlp.down_proj), mlp_out_norm=Norm.of(block.post_feedforward_layernorm) if gemma else None)
+
+
+def _qk_norm(attention: nn.Module) -> tuple:
+    if getattr(attention, "q_norm", None) is None:
+        return ()
+    q, k = Norm.of(attention.q_norm), Norm.of(attention.k_norm)
+    assert (q.eps, q.offset) == (k.eps, k.offset)  # (one eps and offset for both in the kernel's arguments)
+    return q.weight, k.weight, q.eps, q.offset
 
 
 def _projections(attention: nn.Module) -> tuple[Matmul, ...]:
@@ -210,7 +216,7 @@ def applies(model: nn.Module) -> bool:
                + [block.self_attn.o_proj, block.mlp.gate_up_proj, block.mlp.down_proj]]
     return (all(m.cpu_kernel for m in norms_and_ropes) and all(a.decode_kernel for a in attentions)
             and all(isinstance(m, Int8DotLinear) for m in linears)
-            and cpu_decode.attention_fits(model.config.head_dim)
+            and model.config.head_dim % 32 == 0  # (whole vectors in each half of a head: rope_and_store)
             and (model.kv_dtype or model.compute_dtype) in (torch.float16, torch.float32))
 
 

@@ -162,3 +162,53 @@ def test_left_padded_batch_of_a_packed_model_matches_transformers(tmp_path):
             expected = hf_model(seq[None, :n + steps - 1]).logits[0, n - 1:].float()  # (steps, V)
             # as the single-sequence test in test_cpu_decode.py: x's int8 rounding only
             torch.testing.assert_close(ours[row], expected, rtol=0, atol=2e-3 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("B,H,H_kv,D,cache_dtype,qk_norm", [(1, 9, 3, 64, torch.float16, False),
+                                                           (2, 4, 1, 256, torch.float16, True),
+                                                           (3, 2, 2, 32, torch.float32, False)],
+                         ids=["smollm2", "gemma3-batch", "float32-cache"])
+def test_rope_and_store_is_the_norms_rotations_and_copies_it_replaces(B, H, H_kv, D, cache_dtype, qk_norm):
+    """rope_and_store (direct decode steps) against the calls the forward makes for the same work: rms_norm
+    per head (Gemma's QK-norm), rotary on q and k, and the cache write (a converting copy): equal bit for
+    bit (direct steps promise the forward's logits exactly). The rotations themselves are held to
+    transformers' by the test above; the rest of the cache is left alone."""
+    g = torch.Generator().manual_seed(D + B)
+    fused = torch.randn(B, 1, (H + 2 * H_kv) * D, generator=g) * 2  # one fused projection's output
+    q, k, v = fused.split([H * D, H_kv * D, H_kv * D], dim=-1)
+    positions = torch.randint(0, 30000, (B, 1), generator=g)
+    _, cos, signed_sin = _hf_rotation(q.view(B, 1, H, D).transpose(1, 2), positions, base=10000.0)
+    keys = torch.randn(B, H_kv, 12, D, generator=g).to(cache_dtype)
+    values = torch.randn(B, H_kv, 12, D, generator=g).to(cache_dtype)
+    norms = (torch.randn(D, generator=g), torch.randn(D, generator=g), 1e-6, 1.0) if qk_norm else ()
+    expected_keys, expected_values = keys.clone(), values.clone()
+
+    heads_q, heads_k = q.view(B, 1, H, D).transpose(1, 2), k.view(B, 1, H_kv, D).transpose(1, 2)
+    if qk_norm:
+        heads_q = cpu_decode.rms_norm(heads_q, norms[0], norms[2], norms[3])
+        heads_k = cpu_decode.rms_norm(heads_k, norms[1], norms[2], norms[3])
+    expected_q = cpu_decode.rotary(heads_q, cos, signed_sin)
+    expected_keys[:, :, 7:8] = cpu_decode.rotary(heads_k, cos, signed_sin)
+    expected_values[:, :, 7:8] = v.view(B, 1, H_kv, D).transpose(1, 2)
+
+    got_q = cpu_decode.rope_and_store(q, k, v, H, cos, signed_sin, keys, values, 7, *norms)
+    assert got_q.shape == (B, H, 1, D)
+    assert torch.equal(got_q, expected_q)
+    assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
+
+
+def test_rope_and_store_refuses_what_it_cannot_take():
+    q, k, v = torch.randn(1, 1, 128), torch.randn(1, 1, 64), torch.randn(1, 1, 64)
+    cos, sin = torch.randn(1, 1, 1, 64), torch.randn(1, 1, 1, 64)
+    keys, values = torch.zeros(1, 1, 4, 64, dtype=torch.float16), torch.zeros(1, 1, 4, 64, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="slot within the cache"):
+        cpu_decode.rope_and_store(q, k, v, 2, cos, sin, keys, values, 4)
+    with pytest.raises(RuntimeError, match="head_dim a multiple of 32"):
+        cpu_decode.rope_and_store(q[..., :32], k[..., :16], v[..., :16], 2, cos[..., :16], sin[..., :16],
+                                  keys[..., :16].contiguous(), values[..., :16].contiguous(), 0)
+    with pytest.raises(RuntimeError, match="q \\(B, 1, H\\*D\\)"):
+        cpu_decode.rope_and_store(q, k, v, 3, cos, sin, keys, values, 0)  # 3 heads of 64 are not 128 values
+    with pytest.raises(RuntimeError, match="float32 or float16"):
+        cpu_decode.rope_and_store(q, k, v, 2, cos, sin, keys.bfloat16(), values.bfloat16(), 0)
+    with pytest.raises(RuntimeError, match="both or neither"):
+        cpu_decode.rope_and_store(q, k, v, 2, cos, sin, keys, values, 0, torch.ones(64), None, 1e-6, 0.0)

@@ -23,13 +23,19 @@ pytestmark = pytest.mark.skipif(not cpu_decode.available(), reason="direct steps
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny Q4_1 Llama GGUF (4 heads of 16 values, 2 KV heads, 256 positions), packed."""
-    from gguf import GGMLQuantizationType
-    from test_loading_gguf import hf_llama_and_gguf_tensors, tiny_metadata, write_gguf
-
-    _, tensors = hf_llama_and_gguf_tensors(tie=True, encoding=GGMLQuantizationType.Q4_1)
-    path = write_gguf(tmp_path_factory.mktemp("direct") / "tiny.gguf", tiny_metadata(), tensors)
+    """A tiny random Llama GGUF with Q4_1 matrices (2 heads of 32 values, 1 KV head, 256 positions), packed."""
+    path = _q4_1_file(tmp_path_factory.mktemp("direct") / "tiny.gguf", n_heads=2, n_kv_heads=1)
     return lucidlm.load(str(path), progress=False).model
+
+
+def _q4_1_file(path, **sizes):
+    """A random tiny Llama GGUF whose matrices are Q4_1 (packed: int8-dot layers)."""
+    import gguf
+    from test_loading_gguf import random_tiny_tensors, tiny_metadata, write_gguf
+
+    tensors = {name: (gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q4_1), gguf.GGMLQuantizationType.Q4_1)
+               if w.ndim == 2 else w for name, w in random_tiny_tensors(**sizes).items()}
+    return write_gguf(path, tiny_metadata(**sizes), tensors)
 
 
 def _ids(vocab: int, batch: int, n: int, seed: int) -> torch.Tensor:
@@ -172,33 +178,24 @@ def test_other_passes_run_the_forward(tiny, monkeypatch):
     assert calls == []
 
 
-def _q4_1_file(path, **sizes):
-    """A random tiny Llama GGUF whose matrices are Q4_1 (packed: int8-dot layers)."""
-    import gguf
-    from test_loading_gguf import random_tiny_tensors, tiny_metadata, write_gguf
-
-    tensors = {name: (gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q4_1), gguf.GGMLQuantizationType.Q4_1)
-               if w.ndim == 2 else w for name, w in random_tiny_tensors(**sizes).items()}
-    return write_gguf(path, tiny_metadata(**sizes), tensors)
-
-
 def test_installed_only_where_it_computes_the_forward(tmp_path, tiny, monkeypatch):
     """Installed by the loader on packed models whose every step takes the kernel path; not on float32
-    models, not where the attention kernel cannot take the heads (8 values), not when turned off."""
+    models, not where the kernels cannot take the heads (8 or 16 values), not when turned off."""
     from test_loading_gguf import random_tiny_tensors, tiny_metadata, write_gguf
 
     from lucidlm.introspect.architecture import describe
 
-    path = _q4_1_file(tmp_path / "q4_1.gguf")
+    path = _q4_1_file(tmp_path / "q4_1.gguf", n_heads=2, n_kv_heads=1)
     packed, exact = lucidlm.load(str(path), progress=False), lucidlm.load(str(path), progress=False, dtype="float32")
     assert isinstance(packed.model.forward, DirectDecode) and not isinstance(exact.model.forward, DirectDecode)
     assert describe(packed)["decode_steps"].startswith("direct kernel calls")  # what `lucid inspect` says
     assert describe(exact)["decode_steps"] == "eager forward"
     dense = write_gguf(tmp_path / "f32.gguf", tiny_metadata(), random_tiny_tensors())  # no packed layers
     assert not isinstance(lucidlm.load(str(dense), progress=False).model.forward, DirectDecode)
-    narrow = _q4_1_file(tmp_path / "h8.gguf", n_heads=8, n_kv_heads=2)  # d_model 64: heads of 8
-    narrow_model = lucidlm.load(str(narrow), progress=False).model
-    assert narrow_model.config.head_dim == 8 and not isinstance(narrow_model.forward, DirectDecode)
+    for heads in (8, 4):  # d_model 64: heads of 8 (no attention kernel) and of 16 (halves of 8 values)
+        narrow = _q4_1_file(tmp_path / f"{heads}.gguf", n_heads=heads, n_kv_heads=2)
+        narrow_model = lucidlm.load(str(narrow), progress=False).model
+        assert narrow_model.config.head_dim == 64 // heads and not isinstance(narrow_model.forward, DirectDecode)
     assert direct_decode.install(tiny) is tiny.forward  # installing twice keeps the one there
     monkeypatch.setenv("LUCIDLM_DIRECT_DECODE", "0")
     assert not isinstance(lucidlm.load(str(path), progress=False).model.forward, DirectDecode)

@@ -32,7 +32,8 @@ cache, float32 (its docstring says why).
 5. `rms_norm`, `rotary`, `gated_activation` (cpu_layer_ops.cpp): a layer's RMSNorm, RoPE and
 SwiGLU/GeGLU activation, each in one call instead of 3-8 tensor operations, the same float32
 arithmetic (a decode step pays ~1-2 us per operation for a few thousand numbers at most; SmolLM2
-makes 61 norms, 60 rotations and 30 activations a step).
+makes 61 norms, 60 rotations and 30 activations a step). `rope_and_store`: direct decode steps'
+(`lucidlm.direct_decode`) QK-norm, RoPE and cache writes in one call.
 
 The kernels (cpu_decode.cpp, cpu_attention.cpp, cpu_layer_ops.cpp) are compiled on first use with the C++ compiler
 PyTorch's extensions use (~5 s; cached in torch's extension directory, `TORCH_EXTENSIONS_DIR`)
@@ -155,6 +156,20 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torc
     """RoPE, "rotate half" layout: x * cos + swap_halves(x) * signed_sin for x (B, H, T, D) float32 on the
     CPU with each head's D values contiguous; cos, signed_sin (B, 1, T, D) float32, contiguous."""
     return torch.ops.lucidlm_kernels.rotary(x, cos, signed_sin)
+
+
+def rope_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_heads: int, cos: torch.Tensor,
+                   signed_sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slot: int,
+                   q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None, eps: float = 0.0,
+                   norm_offset: float = 0.0) -> torch.Tensor:
+    """A decode step's projections into the KV cache, in one call: q (B, 1, H*D), k, v (B, 1, H_kv*D)
+    float32 (each row contiguous: views of a fused projection will do) -> the rotated q (B, H, 1, D);
+    k rotated and v written to slot `slot` of keys, values (B, H_kv, S, D) (float32 or float16,
+    contiguous). With q_norm, k_norm (D,): each head RMS-normed first (eps, norm_offset as `rms_norm`'s),
+    Gemma 3's QK-norm. The values are `rms_norm`'s, `rotary`'s and a converting copy's, bit for bit
+    (the same code); needs D a multiple of 32."""
+    return torch.ops.lucidlm_kernels.rope_and_store(q, k, v, n_heads, cos, signed_sin, keys, values, slot,
+                                                    q_norm, k_norm, eps, norm_offset)
 
 
 def attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
