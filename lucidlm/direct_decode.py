@@ -16,7 +16,9 @@ the norm's and the rotation's own code and rounds to float16 as PyTorch's copy d
 computes exactly what the eager forward computes, the same arithmetic in the same order: logits
 and cache equal bit for bit (tests/test_direct_decode.py: SmolLM2, Gemma 3 across its sliding
 window, a tiny random Llama, padded batches). Every test of the forward against transformers
-therefore holds for these steps too. SmolLM2: 4.8 ms a step eager, 3.5 direct; Gemma 3: 6.6 and 5.3.
+therefore holds for these steps too. The kernels are called through their direct Python bindings
+(`kernels` below), not PyTorch's dispatcher. SmolLM2: 4.9 ms a step eager, 3.0 direct; Gemma 3:
+6.9 and 4.9 (`bench/direct_decode.py`).
 
 It runs only the passes it was written for: one new position per sequence, onto a KV cache
 that already holds the prompt (not a static one, which CUDA graphs use), on the CPU, without
@@ -46,6 +48,12 @@ from .models.layers import RotaryEmbedding, pass_positions, window_of_keys
 from .models.llama import Llama
 
 
+# The kernels as `layer_step` calls them: the same C++ functions as `cpu_decode`'s operators, bound
+# straight to Python (`cpu_decode.bound()`, ~1 µs a call less than through the dispatcher, ~270
+# calls a SmolLM2 step). Set by `install`, which runs only where the kernels are built.
+kernels = None
+
+
 class Norm(NamedTuple):
     """An RMSNorm's arguments to `cpu_decode.rms_norm`: Gemma's weights are stored minus one (offset 1)."""
     weight: torch.Tensor
@@ -57,7 +65,7 @@ class Norm(NamedTuple):
         return cls(norm.weight, norm.eps, 1.0 if isinstance(norm, GemmaRMSNorm) else 0.0)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_decode.rms_norm(x, self.weight, self.eps, self.offset)
+        return kernels.rms_norm(x, self.weight, self.eps, self.offset)
 
 
 class Matmul(NamedTuple):
@@ -74,7 +82,7 @@ class Matmul(NamedTuple):
         return cls(linear.weights, linear.scales, linear.bits, linear.bias, getattr(linear, "part_sizes", None))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = cpu_decode.matmul(x, self.weights, self.scales, self.bits)
+        y = kernels.int8_dot_matmul(x, self.weights, self.scales, self.bits)
         return y if self.bias is None else y + self.bias
 
 
@@ -86,7 +94,7 @@ class Layer(NamedTuple):
     head_dim: int
     attention_norm: Norm  # before attention (input_layernorm)
     qkv: tuple[Matmul, ...]  # ([q | k | v] stacked) or (q, k, v)
-    qk_norm: tuple  # (q weight, k weight, eps, offset): QK-norm over each head's D values before RoPE (Gemma 3), or ()
+    qk_norm: tuple  # (q weight, k weight, eps, offset): QK-norm over each head's D values before RoPE (Gemma 3), or Nones
     rope: RotaryEmbedding  # Gemma 3's local and global layers rotate at different bases
     window: int | None  # sliding window: keys at most this many slots back
     scale: float  # of q kᵀ
@@ -94,7 +102,7 @@ class Layer(NamedTuple):
     attention_out_norm: Norm | None  # on attention's output, before the residual add (Gemma 3)
     mlp_norm: Norm  # before the MLP (post_attention_layernorm in Llama, pre_feedforward_layernorm in Gemma 3)
     gate_up: Matmul  # [gate | up] rows stacked
-    activation: str  # of the gate: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    activation: int  # of the gate: cpu_decode.ACTIVATIONS["silu"] (SwiGLU) or ["gelu_tanh"] (GeGLU)
     down: Matmul
     mlp_out_norm: Norm | None  # on the MLP's output, before the residual add (Gemma 3)
 
@@ -111,16 +119,16 @@ def layer_step(layer: Layer, x: torch.Tensor, angles, mask: torch.Tensor | None,
         q, k, v = (projection(normed) for projection in layer.qkv)
     cos, signed_sin = angles[layer.rope]  # (B, 1, 1, D)
     # QK-norm (Gemma 3), RoPE on q and k, k and v into the cache's next slot: one kernel call
-    q = cpu_decode.rope_and_store(q, k, v, H, cos, signed_sin, cache.keys[layer.index], cache.values[layer.index],
-                                  cache.length, *layer.qk_norm)  # (B, H, 1, D)
+    q = kernels.rope_and_store(q, k, v, H, cos, signed_sin, cache.keys[layer.index], cache.values[layer.index],
+                               cache.length, *layer.qk_norm)  # (B, H, 1, D)
     k, v = cache.in_use(layer.index, 1)  # (B, H_kv, S, D), the cache's dtype
     k, v, mask = window_of_keys(k, v, mask, layer.window, cache)
-    z = cpu_decode.decode_attention(q, k, v, mask, layer.scale)  # (B, H, 1, D)
+    z = kernels.decode_attention(q, k, v, mask, layer.scale)  # (B, H, 1, D)
     attention_out = layer.o(z.transpose(1, 2).reshape(B, 1, H * D))
     if layer.attention_out_norm is not None:
         attention_out = layer.attention_out_norm(attention_out)
     x = x + attention_out
-    mlp_out = layer.down(cpu_decode.gated_activation(layer.gate_up(layer.mlp_norm(x)), layer.activation))
+    mlp_out = layer.down(kernels.gated_activation(layer.gate_up(layer.mlp_norm(x)), layer.activation))
     if layer.mlp_out_norm is not None:
         mlp_out = layer.mlp_out_norm(mlp_out)
     return x + mlp_out
@@ -183,13 +191,13 @@ def _gather(block: nn.Module, model: nn.Module) -> Layer:
         rope=rope, window=attention.window, scale=scale, o=Matmul.of(attention.o_proj),
         attention_out_norm=Norm.of(block.post_attention_layernorm) if gemma else None,
         mlp_norm=Norm.of(block.pre_feedforward_layernorm if gemma else block.post_attention_layernorm),
-        gate_up=Matmul.of(mlp.gate_up_proj), activation="gelu_tanh" if gemma else "silu",
+        gate_up=Matmul.of(mlp.gate_up_proj), activation=cpu_decode.ACTIVATIONS["gelu_tanh" if gemma else "silu"],
         down=Matmul.of(mlp.down_proj), mlp_out_norm=Norm.of(block.post_feedforward_layernorm) if gemma else None)
 
 
 def _qk_norm(attention: nn.Module) -> tuple:
     if getattr(attention, "q_norm", None) is None:
-        return ()
+        return None, None, 0.0, 0.0
     q, k = Norm.of(attention.q_norm), Norm.of(attention.k_norm)
     assert (q.eps, q.offset) == (k.eps, k.offset)  # (one eps and offset for both in the kernel's arguments)
     return q.weight, k.weight, q.eps, q.offset
@@ -223,8 +231,10 @@ def applies(model: nn.Module) -> bool:
 def install(model: nn.Module) -> DirectDecode | None:
     """Make `model`'s decode steps direct (module docstring) where that `applies`; returns the installed
     `DirectDecode`, or None (the model keeps its forward). LUCIDLM_DIRECT_DECODE=0: never."""
-    if os.environ.get("LUCIDLM_DIRECT_DECODE", "1") == "0" or not applies(model):
+    global kernels
+    if os.environ.get("LUCIDLM_DIRECT_DECODE", "1") == "0" or cpu_decode.bound() is None or not applies(model):
         return None
+    kernels = cpu_decode.bound()
     if not isinstance(model.forward, DirectDecode):
         model.forward = DirectDecode(model)
     return model.forward

@@ -11,6 +11,7 @@
 #include <optional>
 #include <vector>
 
+#include "kernels.h"  // this file's operator, declared
 #include "vector_math.h"  // exp_nonpositive
 
 namespace {
@@ -126,6 +127,10 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
   });
 }
 
+}  // namespace
+
+namespace lucidlm_kernels {  // the operators (kernels.h declares them for bindings.cpp)
+
 at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v,
                             const std::optional<at::Tensor>& mask, double scale) {
   TORCH_CHECK(q_in.dim() == 4 && q_in.size(2) == 1 && q_in.scalar_type() == at::kFloat, "q: (B, H, 1, D) float32");
@@ -153,12 +158,12 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
   return out;
 }
 
-}  // namespace
+}  // namespace lucidlm_kernels
 
 TORCH_LIBRARY_FRAGMENT(lucidlm_kernels, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lucidlm_kernels, CPU, m) {
-  m.impl("decode_attention", &decode_attention);
+  m.impl("decode_attention", &lucidlm_kernels::decode_attention);
 }

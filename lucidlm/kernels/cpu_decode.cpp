@@ -32,6 +32,8 @@
 #include <cstring>
 #include <vector>
 
+#include "kernels.h"  // this file's operators, declared
+
 namespace {
 
 constexpr int64_t CHUNK = 64;  // values per chunk: two groups of 32
@@ -148,6 +150,10 @@ void rows_dot(const uint8_t* weights, const uint16_t* scales, const int8_t* p, c
     }
   }
 }
+
+}  // namespace
+
+namespace lucidlm_kernels {  // the operators (kernels.h declares them for bindings.cpp)
 
 // x (..., K) float32 times the (N, K) weight -> (..., N) float32 (x's leading dimensions kept: a
 // layer's input goes in as it is, with no reshaping and copying around the call).
@@ -272,7 +278,7 @@ at::Tensor argmax(const at::Tensor& x) {
   return out;
 }
 
-}  // namespace
+}  // namespace lucidlm_kernels
 
 TORCH_LIBRARY(lucidlm_kernels, m) {
   m.def("int8_dot_matmul(Tensor x, Tensor weights, Tensor scales, int bits) -> Tensor");
@@ -281,7 +287,7 @@ TORCH_LIBRARY(lucidlm_kernels, m) {
 }
 
 TORCH_LIBRARY_IMPL(lucidlm_kernels, CPU, m) {
-  m.impl("int8_dot_matmul", &int8_dot_matmul);
-  m.impl("dequantize", &dequantize);
-  m.impl("argmax", &argmax);
+  m.impl("int8_dot_matmul", &lucidlm_kernels::int8_dot_matmul);
+  m.impl("dequantize", &lucidlm_kernels::dequantize);
+  m.impl("argmax", &lucidlm_kernels::argmax);
 }

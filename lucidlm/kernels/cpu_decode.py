@@ -36,7 +36,7 @@ makes 61 norms, 60 rotations and 30 activations a step). `rope_and_store`: direc
 (`lucidlm.direct_decode`) QK-norm, RoPE and cache writes in one call.
 
 The kernels (cpu_decode.cpp, cpu_attention.cpp, cpu_layer_ops.cpp) are compiled on first use with the C++ compiler
-PyTorch's extensions use (~5 s; cached in torch's extension directory, `TORCH_EXTENSIONS_DIR`)
+PyTorch's extensions use (~25 s on 2 cores; cached in torch's extension directory, `TORCH_EXTENSIONS_DIR`)
 and only on x86 CPUs with AVX-512 VNNI; elsewhere, or if the build fails (the warning says why),
 `available()` is False and packed models keep PyTorch's weight-only kernels (and attention).
 LUCIDLM_CPU_KERNELS=0 turns them off.
@@ -55,9 +55,10 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [str(Path(__file__).with_name(name)) for name in ("cpu_decode.cpp", "cpu_attention.cpp", "cpu_layer_ops.cpp")]
+SOURCES = [str(Path(__file__).with_name(name))
+           for name in ("cpu_decode.cpp", "cpu_attention.cpp", "cpu_layer_ops.cpp", "bindings.cpp")]
 CHUNK = 64  # values per chunk of the layout: two groups of 32
-HEADERS = [Path(__file__).with_name("vector_math.h")]  # included by the sources
+HEADERS = [Path(__file__).with_name(name) for name in ("vector_math.h", "kernels.h")]  # included by the sources
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-fopenmp"]
 
 
@@ -84,13 +85,16 @@ def available() -> bool:
         from torch.utils import cpp_extension
         # PyTorch rebuilds when a source or a flag changes, not a header: the headers' hash is a flag
         headers = hashlib.sha256(b"".join(path.read_bytes() for path in HEADERS)).hexdigest()[:16]
-        cpp_extension.load(name="lucidlm_cpu_decode", sources=SOURCES, extra_cflags=FLAGS + [f"-DLUCIDLM_HEADERS={headers}"],
-                           extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        module = cpp_extension.load(name="lucidlm_cpu_decode", sources=SOURCES,
+                                    extra_cflags=FLAGS + [f"-DLUCIDLM_HEADERS={headers}"], extra_ldflags=["-fopenmp"],
+                                    is_python_module=True, verbose=False)
     except Exception as error:  # no compiler, no ninja, a compiler error: PyTorch's kernels instead
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         warnings.warn(f"the int8-dot decode kernel could not be built ({reason}); using PyTorch's "
                       "weight-only kernels", RuntimeWarning, stacklevel=2)
         return False
+    global _bound
+    _bound = module
     # the outputs' shapes, for torch.compile's tracing (the operators are C++)
     torch.library.register_fake("lucidlm_kernels::int8_dot_matmul", _fake)
     torch.library.register_fake("lucidlm_kernels::decode_attention", _fake_attention)
@@ -102,7 +106,7 @@ def available() -> bool:
     return True
 
 
-BUILD_NOTICE = "Building LucidLM's CPU decode kernels (first use only, ~5-10 s; cached afterwards)..."
+BUILD_NOTICE = "Building LucidLM's CPU decode kernels (first use only, ~25 s; cached afterwards)..."
 
 
 def available_with_notice(enabled: bool = True, delay: float = 1.0, stream=None) -> bool:
@@ -116,6 +120,17 @@ def available_with_notice(enabled: bool = True, delay: float = 1.0, stream=None)
         return available()
     finally:
         notice.cancel()
+
+
+_bound = None  # the built extension as a Python module (bindings.cpp), once `available()` has loaded it
+
+
+def bound():
+    """The operators a direct decode step calls (`int8_dot_matmul`, `decode_attention`, `rms_norm`,
+    `gated_activation`, `rope_and_store`; same arguments as the wrappers here), bound straight to Python
+    (bindings.cpp): the same C++ functions as the registered operators without the dispatcher's ~1 µs a
+    call. Not traceable by torch.compile: the models call the operators. None until `available()`."""
+    return _bound
 
 
 def loaded() -> bool:

@@ -19,9 +19,10 @@
 #include <cmath>
 #include <vector>
 
+#include "kernels.h"  // this file's operators, declared
 #include "vector_math.h"  // exp_nonpositive
 
-namespace {
+namespace lucidlm_kernels {  // the operators (kernels.h declares them for bindings.cpp) and their helpers
 
 // One row of RMSNorm, C values: rms_norm below, and rope_and_store's QK-norm (the same code, so the
 // same roundings: a direct decode step must equal the forward's bit for bit).
@@ -116,8 +117,8 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
 // projection's output will do); cos, signed_sin (B, 1, 1, D); keys, values (B, H_kv, S, D) contiguous.
 at::Tensor rope_and_store(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t n_heads,
                           const at::Tensor& cos, const at::Tensor& signed_sin, const at::Tensor& keys,
-                          const at::Tensor& values, int64_t slot, const c10::optional<at::Tensor>& q_norm,
-                          const c10::optional<at::Tensor>& k_norm, double eps, double norm_offset) {
+                          const at::Tensor& values, int64_t slot, const std::optional<at::Tensor>& q_norm,
+                          const std::optional<at::Tensor>& k_norm, double eps, double norm_offset) {
   TORCH_CHECK(keys.dim() == 4 && keys.is_contiguous() && values.is_contiguous() && keys.sizes() == values.sizes() &&
               keys.scalar_type() == values.scalar_type() &&
               (keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kHalf),
@@ -232,7 +233,7 @@ at::Tensor gated_activation(const at::Tensor& gate_up_in, int64_t act) {
   return out;
 }
 
-}  // namespace
+}  // namespace lucidlm_kernels
 
 TORCH_LIBRARY_FRAGMENT(lucidlm_kernels, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps, float weight_offset) -> Tensor");
@@ -243,8 +244,8 @@ TORCH_LIBRARY_FRAGMENT(lucidlm_kernels, m) {
 }
 
 TORCH_LIBRARY_IMPL(lucidlm_kernels, CPU, m) {
-  m.impl("rms_norm", &rms_norm);
-  m.impl("rotary", &rotary);
-  m.impl("gated_activation", &gated_activation);
-  m.impl("rope_and_store", &rope_and_store);
+  m.impl("rms_norm", &lucidlm_kernels::rms_norm);
+  m.impl("rotary", &lucidlm_kernels::rotary);
+  m.impl("gated_activation", &lucidlm_kernels::gated_activation);
+  m.impl("rope_and_store", &lucidlm_kernels::rope_and_store);
 }
