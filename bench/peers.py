@@ -11,7 +11,8 @@ What each engine does, all with the same token ids (the GGUF's own vocabulary, m
 parent process and handed to the workers in a file, so that no worker's peak RSS holds a tokenizer
 it built only for the harness) and threads:
     prefill   one forward pass over a 128- and a 512-token prompt into an empty KV cache, logits
-              for the last position only (what generation needs)
+              for the last position only (what generation needs); after one untimed pass of the
+              same length, the median of 3
     decode    128 greedy tokens after a 128-token prompt, KV cache, no stop token; tokens/s from
               the first token to the last (time to first token excluded)
     load      from the GGUF file to a ready model, imports excluded
@@ -42,6 +43,7 @@ MODELS = {"smollm2": "smollm2-135m-instruct", "gemma3": "gemma3-270m"}
 ENGINES = ("lucid", "lucid-compiled", "llama.cpp", "hf-fp32", "hf-bf16")
 PROMPT_LENGTHS = (128, 512)
 DECODE_TOKENS = 128
+PREFILL_REPEATS = 3  # timed prefills of each length per process (after one untimed), median
 CORPUS = Path(__file__).resolve().parent.parent / "docs" / "walkthrough.md"
 
 
@@ -162,8 +164,12 @@ def worker(engine: str, model_name: str, threads: int, prompts_file: Path) -> di
                 return (n - 1) / (time.perf_counter() - first)
 
     for n, ids in prompts.items():
-        prefill(ids[:16])  # warm-up
-        result[f"prefill_{n}"] = n / _timed(lambda: prefill(ids))
+        # Warm-up at full length: a process's first pass of this size takes its activations' memory
+        # fresh from the system (page faults; LucidLM and transformers allocate per pass, llama.cpp
+        # at load), which cost one engine or another up to a third of a 512-token prefill depending
+        # on what the process did before (session 16). Then the median of 3 passes.
+        prefill(ids)
+        result[f"prefill_{n}"] = n / statistics.median(_timed(lambda: prefill(ids)) for _ in range(PREFILL_REPEATS))
     result["decode"] = decode(prompts[128], DECODE_TOKENS)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result

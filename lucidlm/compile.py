@@ -6,7 +6,9 @@ and the matmul, norm, RoPE and activation kernels; where those kernels do not ru
 rotation is several operations more), each paying Python and dispatcher costs of a microsecond or
 more, and the modules around them their Python calls. torch.compile traces the whole forward pass once into a graph, and Inductor
 fuses the elementwise work into a few generated C++ loops; the matmul kernels stay the same
-(`bench/RESULTS.md` has the measured effect).
+(`bench/RESULTS.md` has the measured effect). Packed models on CPUs with our kernels get most of
+that without compiling: their decode steps are direct by default (`lucidlm.direct_decode`), and
+compiling them gains little more (bench/RESULTS.md, session 16).
 
 What is compiled, and when it is used:
 
