@@ -61,12 +61,14 @@ def main() -> None:
             ours_rate = n / statistics.median(seconds["lucid"])
             theirs_rate = n / statistics.median(seconds["hf-bf16"])
             pair = statistics.median(t / o for o, t in zip(seconds["lucid"], seconds["hf-bf16"]))
-            rows.append(f"| {key} | {n} | {ours_rate:.0f} | {theirs_rate:.0f} | {ours_rate / theirs_rate:.2f}x | {pair:.2f}x |")
+            rows.append(f"| {key} | {n} | {ours_rate:.0f} | {theirs_rate:.0f} | {ours_rate / theirs_rate:.2f}x "
+                        f"| {pair:.2f}x |")
             print(rows[-1], flush=True)
         del ours, theirs
     print(f"\nCommand: `python bench/prefill_ab.py --runs {args.runs} --lengths {' '.join(map(str, args.lengths))}`, "
           f"{args.threads} threads, both engines alternating in one process, torch {torch.__version__}.\n")
-    print("| model | prompt tokens | LucidLM prefill tok/s | transformers bf16 tok/s | ratio of medians | median of pair ratios |")
+    print("| model | prompt tokens | LucidLM prefill tok/s | transformers bf16 tok/s | ratio of medians "
+          "| median of pair ratios |")
     print("|---|---|---|---|---|---|")
     print("\n".join(rows))
 

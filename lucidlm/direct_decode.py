@@ -90,11 +90,10 @@ class Layer(NamedTuple):
     """One block's weights and settings, as `layer_step` uses them. The optional norms are Gemma 3's."""
     index: int  # the block's number: its slot in the KV cache
     n_heads: int
-    n_kv_heads: int
     head_dim: int
     attention_norm: Norm  # before attention (input_layernorm)
     qkv: tuple[Matmul, ...]  # ([q | k | v] stacked) or (q, k, v)
-    qk_norm: tuple  # (q weight, k weight, eps, offset): QK-norm over each head's D values before RoPE (Gemma 3), or Nones
+    qk_norm: tuple  # (q weight, k weight, eps, offset): Gemma 3's QK-norm before RoPE; else (None, None, 0, 0)
     rope: RotaryEmbedding  # Gemma 3's local and global layers rotate at different bases
     window: int | None  # sliding window: keys at most this many slots back
     scale: float  # of q kᵀ
@@ -111,7 +110,7 @@ def layer_step(layer: Layer, x: torch.Tensor, angles, mask: torch.Tensor | None,
     """One block for one new position per sequence: x (B, 1, C) -> (B, 1, C). The block's eager forward
     (models/llama.py, models/gemma3.py) with no hook points and the kernel paths taken."""
     B = x.shape[0]
-    H, H_kv, D = layer.n_heads, layer.n_kv_heads, layer.head_dim
+    H, D = layer.n_heads, layer.head_dim
     normed = layer.attention_norm(x)
     if len(layer.qkv) == 1:  # q, k, v stacked (fusion.fuse_projections)
         q, k, v = layer.qkv[0](normed).split(layer.qkv[0].part_sizes, dim=-1)  # (B, 1, ·)
@@ -185,9 +184,8 @@ def _gather(block: nn.Module, model: nn.Module) -> Layer:
     else:
         rope, scale = model.rope, attention.head_dim**-0.5
     return Layer(
-        index=attention.layer_index, n_heads=attention.n_heads, n_kv_heads=attention.n_kv_heads,
-        head_dim=attention.head_dim, attention_norm=Norm.of(block.input_layernorm), qkv=_projections(attention),
-        qk_norm=_qk_norm(attention),
+        index=attention.layer_index, n_heads=attention.n_heads, head_dim=attention.head_dim,
+        attention_norm=Norm.of(block.input_layernorm), qkv=_projections(attention), qk_norm=_qk_norm(attention),
         rope=rope, window=attention.window, scale=scale, o=Matmul.of(attention.o_proj),
         attention_out_norm=Norm.of(block.post_attention_layernorm) if gemma else None,
         mlp_norm=Norm.of(block.pre_feedforward_layernorm if gemma else block.post_attention_layernorm),

@@ -61,7 +61,8 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight, double eps
   return out;
 }
 
-// One head's RoPE, "rotate half": o[i] = x[i] c[i] + x[i + D/2] s[i], o[i + D/2] = x[i + D/2] c[i + D/2] + x[i] s[i + D/2]
+// One head's RoPE, "rotate half": o[i] = x[i] c[i] + x[i + D/2] s[i] and
+// o[i + D/2] = x[i + D/2] c[i + D/2] + x[i] s[i + D/2]
 // (s signed). Whole vectors where D/2 is a multiple of 16, with the multiply-add spelled out (the compiler
 // may fuse the scalar form's either way): rotary and rope_and_store both call this, for equal results.
 inline void rotate_half(const float* x, const float* c, const float* s, int64_t D, float* o) {
@@ -128,7 +129,8 @@ at::Tensor rope_and_store(const at::Tensor& q, const at::Tensor& k, const at::Te
   for (const at::Tensor* t : {&q, &k, &v}) {
     const int64_t width = (t == &q ? H : H_kv) * D;
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 3 && t->size(0) == B && t->size(1) == 1 &&
-                t->size(2) == width && t->stride(2) == 1, "q (B, 1, H*D), k, v (B, 1, H_kv*D): float32, rows contiguous");
+                t->size(2) == width && t->stride(2) == 1,
+                "q (B, 1, H*D), k, v (B, 1, H_kv*D): float32, rows contiguous");
   }
   for (const at::Tensor* t : {&cos, &signed_sin})
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == B * D,
