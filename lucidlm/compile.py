@@ -33,7 +33,8 @@ Compiling costs time once (about a minute for SmolLM2 or Gemma 3 on 2 cores; Ind
 the result on disk, so a later process takes 12-16 s: freezing makes AOTAutograd skip its own
 cache, "Cannot cache a graph with freezing enabled", and Dynamo traces the step again; without
 freezing 4-7 s, but decode ~4 % slower, bench/RESULTS.md "Session 14"). If compilation fails (no C++ compiler, an
-unsupported operation), a warning says why and the model stays eager.
+unsupported operation), a warning says why and decode steps run as they would without it (the
+forward, or direct steps for packed models: `lucidlm.direct_decode`).
 
 On a CUDA GPU the decode steps are, in addition, replayed from CUDA graphs
 (`lucidlm.cuda_graphs`): there the cost of a step is mostly launching its kernels one by one.

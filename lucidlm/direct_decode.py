@@ -8,7 +8,7 @@ shapes, whether anything is compiling or observing) and the views between them. 
 was a third of a step (bench/RESULTS.md, session 16).
 
 `DirectDecode` runs a step as those calls and nothing else: each layer's weights and settings
-are gathered once, when it is installed (`Layer`), and `layer_step` below is a block's forward
+are gathered beforehand (`Layer`), and `layer_step` below is a block's forward
 written for one new position with every choice already made. The stretch from the q/k/v
 projections into the cache (split views, QK-norm, two rotations, two converting copies: ~14
 operations, 13 µs of a SmolLM2 layer) is one kernel call, `cpu_decode.rope_and_store`, which runs
@@ -23,9 +23,14 @@ therefore holds for these steps too. The kernels are called through their direct
 It runs only the passes it was written for: one new position per sequence, onto a KV cache
 that already holds the prompt (not a static one, which CUDA graphs use), on the CPU, without
 gradients, while nobody observes the model (`hook_point.Observers`: a hook listener, a PyTorch
-module hook, or an attention layer asked for its weights). Everything else (prompts, prompt
+module hook, or an attention layer asked for its weights) and no PyTorch mode or profiler is
+active (the kernels' bindings bypass the dispatcher those act in). Everything else (prompts, prompt
 lookup's checking passes, introspection, `torch.compile`'s tracing) goes through the ordinary
-forward, which is where the model is defined and where it can be watched.
+forward, which is where the model is defined and where it can be watched. The weights and
+modules are gathered again at every prompt pass, so a model changed between generations (a
+module or Parameter replaced) is seen, and one whose blocks are no longer the family's own
+classes runs every pass through its forward; a change in the middle of a generation, between
+decode steps, is not seen until the next prompt (in-place edits of a tensor always are).
 
 The loader installs it for packed Llama-family and Gemma 3 models (`install`, from
 `loading.load`); `LUCIDLM_DIRECT_DECODE=0` keeps the eager forward (to compare them, say).
@@ -43,9 +48,14 @@ from .introspect.hook_point import Observers
 from .kernels import cpu_decode
 from .models.dense_path import DENSE_FROM_ROWS
 from .models.dot_linear import Int8DotLinear
+from .models import gemma3, llama
 from .models.gemma3 import Gemma3, GemmaRMSNorm
-from .models.layers import RotaryEmbedding, pass_positions, window_of_keys
+from .models.layers import RMSNorm, RotaryEmbedding, SwiGLU, pass_positions, window_of_keys
 from .models.llama import Llama
+
+# model class -> the classes of its blocks, attention, MLP and norms that `layer_step` is written for
+FAMILIES = {Llama: (llama.Block, llama.Attention, SwiGLU, RMSNorm),
+            Gemma3: (gemma3.Block, gemma3.Attention, gemma3.GeGLU, GemmaRMSNorm)}
 
 
 # The kernels as `layer_step` calls them: the same C++ functions as `cpu_decode`'s operators, bound
@@ -133,6 +143,15 @@ def layer_step(layer: Layer, x: torch.Tensor, angles, mask: torch.Tensor | None,
     return x + mlp_out
 
 
+CACHE_DTYPES = (torch.float32, torch.float16)  # what rope_and_store writes and decode_attention reads
+
+
+def _modes_active() -> bool:
+    """A TorchFunctionMode or TorchDispatchMode on the stack, or the profiler running."""
+    return (torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._autograd._profiler_enabled())
+
+
 class DirectDecode:
     """A packed model's forward that runs decode steps as `layer_step`s and everything else eagerly.
 
@@ -143,7 +162,21 @@ class DirectDecode:
     decode_steps = "direct kernel calls (lucidlm.direct_decode; hooks and other passes: the eager forward)"
 
     def __init__(self, model: nn.Module):
+        self.model = model
         self.eager = model.forward  # the model's own forward
+        self.layers: list[Layer] | None = None  # None: the model no longer fits (`applies`); all passes eager
+        self.gather()
+
+    def gather(self) -> None:
+        """Read the model's modules, tensors and observers as they are now. Done at every prompt pass
+        (every generation starts with one), so that modules or weights replaced between generations
+        (`model.layers[3].mlp = ...`, `norm.weight = nn.Parameter(...)`) are seen; a model that no
+        longer `applies` (a replaced module of another class) runs every pass through its forward.
+        (In-place edits of a tensor are seen at once: the steps read the tensors themselves.)"""
+        model = self.model
+        self.layers = None
+        if not applies(model):
+            return
         self.observers = Observers(model)
         cfg = model.config
         self.embed_tokens, self.final_norm, self.lm_head = model.embed_tokens, Norm.of(model.norm), model.lm_head
@@ -154,11 +187,23 @@ class DirectDecode:
 
     def __call__(self, tokens: torch.Tensor, cache=None, valid: torch.Tensor | None = None,
                  last_only: bool = False) -> torch.Tensor:
-        if (torch.compiler.is_compiling() or cache is None or cache.static or cache.length == 0 or valid is not None
-                or tokens.shape[1] != 1 or tokens.shape[0] >= DENSE_FROM_ROWS or tokens.device.type != "cpu"
-                or torch.is_grad_enabled() or self.observers.any()):
-            return self.eager(tokens, cache, valid, last_only)  # (last_only changes nothing for one position)
-        return self.step(tokens, cache)
+        if self.takes(tokens, cache, valid):
+            return self.step(tokens, cache)
+        if cache is None or cache.length == 0:  # a prompt: see the model as it is now
+            self.gather()
+        return self.eager(tokens, cache, valid, last_only)  # (last_only changes nothing for one position)
+
+    def takes(self, tokens: torch.Tensor, cache, valid: torch.Tensor | None) -> bool:
+        """Whether this pass is a direct step: one new position per sequence (fewer than the rows from
+        which packed layers go dense) onto a cache holding the prompt, in a dtype and layout the
+        kernels read; on the CPU, no gradients, not being traced; nobody observing, and no PyTorch
+        mode or profiler that would expect to see each operator (the kernels' bindings bypass the
+        dispatcher where those act)."""
+        return (self.layers is not None and not torch.compiler.is_compiling() and cache is not None
+                and not cache.static and cache.length > 0 and valid is None
+                and tokens.shape[1] == 1 and tokens.shape[0] < DENSE_FROM_ROWS and tokens.device.type == "cpu"
+                and cache.keys[0].dtype in CACHE_DTYPES and cache.keys[0].is_contiguous()
+                and not torch.is_grad_enabled() and not _modes_active() and not self.observers.any())
 
     def step(self, tokens: torch.Tensor, cache) -> torch.Tensor:
         """tokens (B, 1) -> logits (B, 1, V), the new position's keys and values stored in `cache`."""
@@ -209,21 +254,28 @@ def _projections(attention: nn.Module) -> tuple[Matmul, ...]:
 
 def applies(model: nn.Module) -> bool:
     """Whether `DirectDecode` computes what this model's forward computes: a Llama-family or Gemma 3
-    model whose forward takes the kernel path at every step of a decode step (the packed loader's
-    settings where `cpu_decode.available()`), float32 activations, a cache the attention kernel reads."""
-    if type(model) not in (Llama, Gemma3) or model.compute_dtype != torch.float32:
+    model built of its family's own block, attention, MLP and norm classes (not replaced since) whose
+    forward takes the kernel path at every step of a decode step (the packed loader's settings where
+    `cpu_decode.available()`), float32 activations, and a cache the kernels read."""
+    family = FAMILIES.get(type(model))
+    if family is None or model.compute_dtype != torch.float32 or model.config.head_dim % 32:
+        return False  # (heads of a multiple of 32: whole vectors in each half of a head, rope_and_store)
+    block_type, attention_type, mlp_type, norm_type = family
+    if type(model.norm) is not norm_type or (model.kv_dtype or model.compute_dtype) not in CACHE_DTYPES:
         return False
-    modules = list(model.modules())
-    norms_and_ropes = [m for m in modules if hasattr(m, "cpu_kernel")]
-    attentions = [block.self_attn for block in model.layers]
-    linears = [m for block in model.layers
-               for m in ([block.self_attn.qkv_proj] if block.self_attn.qkv_proj is not None else
-                         [block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj])
-               + [block.self_attn.o_proj, block.mlp.gate_up_proj, block.mlp.down_proj]]
-    return (all(m.cpu_kernel for m in norms_and_ropes) and all(a.decode_kernel for a in attentions)
-            and all(isinstance(m, Int8DotLinear) for m in linears)
-            and model.config.head_dim % 32 == 0  # (whole vectors in each half of a head: rope_and_store)
-            and (model.kv_dtype or model.compute_dtype) in (torch.float16, torch.float32))
+    for block in model.layers:
+        attention, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
+        if type(block) is not block_type or type(attention) is not attention_type or type(mlp) is not mlp_type:
+            return False
+        projections = ([attention.qkv_proj] if attention.qkv_proj is not None
+                       else [attention.q_proj, attention.k_proj, attention.v_proj])
+        norms = [m for m in block.modules() if hasattr(m, "eps")]
+        if not (all(isinstance(p, Int8DotLinear) for p in projections + [attention.o_proj, mlp.gate_up_proj,
+                                                                          mlp.down_proj])
+                and all(type(n) is norm_type and n.cpu_kernel for n in norms)
+                and attention.decode_kernel and mlp.cpu_kernel):
+            return False
+    return all(rope.cpu_kernel for rope in model.modules() if isinstance(rope, RotaryEmbedding))
 
 
 def install(model: nn.Module) -> DirectDecode | None:

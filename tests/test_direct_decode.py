@@ -22,10 +22,15 @@ pytestmark = pytest.mark.skipif(not cpu_decode.available(), reason="direct steps
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny random Llama GGUF with Q4_1 matrices (2 heads of 32 values, 1 KV head, 256 positions), packed."""
-    path = _q4_1_file(tmp_path_factory.mktemp("direct") / "tiny.gguf", n_heads=2, n_kv_heads=1)
-    return lucidlm.load(str(path), progress=False).model
+def tiny_path(tmp_path_factory):
+    """A tiny random Llama GGUF with Q4_1 matrices (2 heads of 32 values, 1 KV head, 256 positions)."""
+    return _q4_1_file(tmp_path_factory.mktemp("direct") / "tiny.gguf", n_heads=2, n_kv_heads=1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_path):
+    """The tiny model, packed (shared: tests that change it load their own)."""
+    return lucidlm.load(str(tiny_path), progress=False).model
 
 
 def _q4_1_file(path, **sizes):
@@ -199,6 +204,90 @@ def test_installed_only_where_it_computes_the_forward(tmp_path, tiny, monkeypatc
     assert direct_decode.install(tiny) is tiny.forward  # installing twice keeps the one there
     monkeypatch.setenv("LUCIDLM_DIRECT_DECODE", "0")
     assert not isinstance(lucidlm.load(str(path), progress=False).model.forward, DirectDecode)
+
+
+def test_models_changed_between_generations_are_seen(tiny_path, monkeypatch):
+    """Direct steps gather the model's modules and tensors at each prompt pass: a weight replaced by a
+    new Parameter, a block dropped, or an MLP replaced by a module of another class (then every pass
+    runs the forward, and hooks on the new module are called) between generations."""
+    calls = _count_direct_steps(monkeypatch)
+    model = lucidlm.load(str(tiny_path), progress=False).model
+    prompt = _ids(model.config.vocab_size, 1, 7, seed=10)
+    model.norm.weight = torch.nn.Parameter(model.norm.weight.detach() * 0.5, requires_grad=False)
+    assert_steps_are_the_forwards(model, prompt, steps=4)
+    model.layers = torch.nn.ModuleList(list(model.layers)[:1])
+    assert_steps_are_the_forwards(model, prompt, steps=4)
+    assert len(calls) == 8
+
+    class Zero(torch.nn.Module):
+        def forward(self, x):
+            return torch.zeros_like(x)
+
+    model.layers[0].mlp = Zero()
+    seen = []
+    model.layers[0].mlp.register_forward_hook(lambda module, args, out: seen.append(out.shape[1]))
+    assert_steps_are_the_forwards(model, prompt, steps=2)
+    assert len(calls) == 8 and seen == [7, 7, 1, 1, 1, 1]  # (two caches: each pass twice)
+
+
+def test_modes_profiler_global_hooks_and_other_caches_run_the_forward(tiny, monkeypatch):
+    """The kernels' direct bindings bypass PyTorch's dispatcher: a TorchDispatchMode, a TorchFunctionMode
+    or the profiler would miss them, so those steps run the forward (which they see). Likewise a global
+    module hook (also on a deep copy of the model) and a cache of a dtype the kernels do not read."""
+    import copy
+
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lucidlm.cache import KVCache
+
+    class Dispatched(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    class Functions(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    calls = _count_direct_steps(monkeypatch)
+    ids = _ids(tiny.config.vocab_size, 1, 6, seed=11)
+
+    def step(model, cache=None):
+        with torch.inference_mode():
+            cache = cache if cache is not None else model.new_cache(1, 8)
+            model(ids[:, :5], cache)
+            return model(ids[:, 5:6], cache)
+
+    dispatched = Dispatched()
+    with torch.inference_mode():
+        cache = tiny.new_cache(1, 8)
+        tiny(ids[:, :5], cache)
+        with dispatched:
+            tiny(ids[:, 5:6], cache)
+    assert any("int8_dot_matmul" in op for op in dispatched.ops)  # the mode saw the kernels
+    with Functions():
+        step(tiny)
+    with torch.profiler.profile():
+        step(tiny)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: None)
+    try:
+        copied = copy.deepcopy(tiny)
+        step(tiny)
+        step(copied)
+    finally:
+        handle.remove()
+    cfg = tiny.config
+    bfloat16 = KVCache(cfg.n_layers, 1, cfg.n_kv_heads, 8, cfg.head_dim, dtype=torch.bfloat16)
+    assert step(tiny, bfloat16).shape == (1, 1, cfg.vocab_size)  # (the kernels would refuse it)
+    assert calls == []
+    step(tiny)
+    step(copied)  # the copy's own direct steps, once nobody watches
+    assert calls == [1, 1]
 
 
 @pytest.mark.slow

@@ -99,12 +99,13 @@ class Observers:
         self.hook_points = [value for module in modules for value in vars(module).values()
                             if isinstance(value, HookPoint)]
         self.watched = ([point.listeners for point in self.hook_points]
-                        + [m._forward_hooks for m in modules] + [m._forward_pre_hooks for m in modules]
-                        + [nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks])
+                        + [m._forward_hooks for m in modules] + [m._forward_pre_hooks for m in modules])
         self.attentions = [module for module in modules if hasattr(module, "explicit")]
 
     def any(self) -> bool:
-        return any(self.watched) or any(a.explicit for a in self.attentions)
+        # (the global hooks are looked up each time: a deep copy of a model must not copy the dicts)
+        return (any(self.watched) or bool(nn.modules.module._global_forward_hooks)
+                or bool(nn.modules.module._global_forward_pre_hooks) or any(a.explicit for a in self.attentions))
 
 
 def _forward_order(name: str) -> tuple[int, int]:
