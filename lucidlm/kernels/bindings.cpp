@@ -10,9 +10,12 @@
 #include "kernels.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int8_dot_matmul", &lucidlm_kernels::int8_dot_matmul);
-  m.def("decode_attention", &lucidlm_kernels::decode_attention);
-  m.def("rms_norm", &lucidlm_kernels::rms_norm);
-  m.def("gated_activation", &lucidlm_kernels::gated_activation);
-  m.def("rope_and_store", &lucidlm_kernels::rope_and_store);
+  // The GIL is released while a kernel runs, as PyTorch's own operators do: another Python thread (the
+  // server's event loop, beside its engine thread) gets on meanwhile.
+  using release = pybind11::call_guard<pybind11::gil_scoped_release>;
+  m.def("int8_dot_matmul", &lucidlm_kernels::int8_dot_matmul, release());
+  m.def("decode_attention", &lucidlm_kernels::decode_attention, release());
+  m.def("rms_norm", &lucidlm_kernels::rms_norm, release());
+  m.def("gated_activation", &lucidlm_kernels::gated_activation, release());
+  m.def("rope_and_store", &lucidlm_kernels::rope_and_store, release());
 }
