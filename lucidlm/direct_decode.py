@@ -184,6 +184,9 @@ class DirectDecode:
         self.embed_scale = (torch.tensor(cfg.d_model**0.5, dtype=model.compute_dtype)
                             if isinstance(model, Gemma3) else None)
         self.layers = [_gather(block, model) for block in model.layers]
+        # the rotations and windows the layers use (Gemma 3: two of each), for each step's angles and masks
+        self.ropes = {layer.rope for layer in self.layers}
+        self.windows = {layer.window for layer in self.layers}
 
     def __call__(self, tokens: torch.Tensor, cache=None, valid: torch.Tensor | None = None,
                  last_only: bool = False) -> torch.Tensor:
@@ -208,9 +211,8 @@ class DirectDecode:
     def step(self, tokens: torch.Tensor, cache) -> torch.Tensor:
         """tokens (B, 1) -> logits (B, 1, V), the new position's keys and values stored in `cache`."""
         where = pass_positions(tokens, None, cache)  # the new tokens' positions; the cache's validity
-        ropes = {layer.rope for layer in self.layers}
-        angles = {rope: rope.angles_at(where.positions, torch.float32) for rope in ropes}  # (B, 1, 1, D) each
-        masks = {window: where.mask(window=window) for window in {layer.window for layer in self.layers}}
+        angles = {rope: rope.angles_at(where.positions, torch.float32) for rope in self.ropes}  # (B, 1, 1, D) each
+        masks = {window: where.mask(window=window) for window in self.windows}
         x = self.embed_tokens(tokens)  # (B, 1, C)
         if self.embed_scale is not None:
             x = x * self.embed_scale
