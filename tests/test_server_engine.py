@@ -202,3 +202,41 @@ def test_full_queue_refuses_and_cancel_frees_the_queue(tiny):
         engine.close()
     assert second == [] and u2 is None  # cancelled before it started
     assert u1.completion_tokens == 4 and u3.completion_tokens == 4
+
+
+def test_small_batches_decode_on_one_thread_fewer_and_prefills_on_all():
+    """The engine leaves a core to the event loop during small batches' decode steps
+    (engine.step_threads); prompts, big batches and run_exclusive work get every thread,
+    and the caller's own thread setting is left alone."""
+    tiny = tiny_chat_model(seed=3)
+    passes = []
+    original = tiny.model.forward
+
+    def watched(self, tokens, *args, **kwargs):
+        passes.append((tokens.shape[0], tokens.shape[1], torch.get_num_threads()))
+        return original(tokens, *args, **kwargs)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    tiny.model.forward = watched.__get__(tiny.model)
+    try:
+        engine = Engine(tiny, max_batch=8, max_queue=8)
+
+        async def scenario():
+            for job in (GenerationJob([5, 6, 7], 4), GenerationJob([5, 6, 7], 4, n=5)):
+                ticket = engine.submit([job])
+                _ = [d async for d in ticket]
+            return await engine.run_exclusive(torch.get_num_threads)
+
+        try:
+            exclusive_threads = asyncio.run(scenario())
+        finally:
+            engine.close()
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    prompts = [threads for _, length, threads in passes if length > 1]
+    one_row_steps = [threads for rows, length, threads in passes if length == 1 and rows == 1]
+    five_row_steps = [threads for rows, length, threads in passes if length == 1 and rows == 5]
+    assert prompts == [3, 3] and exclusive_threads == 3
+    assert one_row_steps == [2, 2, 2] and five_row_steps == [3, 3, 3]

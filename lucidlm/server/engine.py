@@ -15,7 +15,8 @@ the batch (500) and the engine starts a new batch; it never stops serving.
 
 Only the engine thread runs the model, so forward passes never overlap (on a CPU they
 would only compete for the same cores) and hooks attached by a `run_exclusive` function
-never see the batch's passes. The waiting queue is bounded: `submit` raises
+never see the batch's passes. On a CPU, decode steps of a small batch leave one core to the
+HTTP side (`step_threads`). The waiting queue is bounded: `submit` raises
 `QueueFullError` when it is full, and the HTTP layer answers 429.
 """
 
@@ -30,6 +31,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
+
 from ..batch import BatchGenerator
 from ..errors import LucidError
 from ..penalties import LogitControls
@@ -38,6 +41,23 @@ from .choices import ChoiceText, Delta
 from .metrics import Metrics
 
 logger = logging.getLogger("lucidlm.server")
+
+# Decode steps of fewer rows than this run on one CPU thread fewer than the process has.
+ALL_THREADS_FROM_ROWS = 5
+
+
+def step_threads(rows: int, threads: int) -> int:
+    """CPU threads for a decode step of `rows` rows in a server whose passes otherwise use `threads`.
+
+    A decode step is ~270 short parallel regions, each as slow as its slowest thread. With a
+    thread on every core, the event loop (answering each token to its client) takes a core from
+    one of them at every token and the whole step waits. One thread fewer leaves it a core:
+    SmolLM2 on 2 cores, one streaming client: 187 tok/s instead of 99-115 (the library alone:
+    200 on one thread, 290 on two). From about 5 rows, a step's larger matmuls make the second
+    thread worth it again (6 clients: 299-315 tok/s on two threads, 288-296 on one; 16 clients:
+    385 against 298). bench/RESULTS.md, "HTTP server throughput", session 17.
+    """
+    return threads if threads <= 1 or rows >= ALL_THREADS_FROM_ROWS else threads - 1
 
 
 class QueueFullError(Exception):
@@ -139,6 +159,8 @@ class Engine:
         self._running: dict[int, _Running] = {}  # batch request id -> job state (engine thread only)
         self._closed = False
         self.rows = 0  # rows in the batch after the last step
+        # prefills and `run_exclusive` work use all of the process's threads, decode steps `step_threads`
+        self.threads = torch.get_num_threads()
         self._thread = threading.Thread(target=self._loop, name="lucid-engine", daemon=True)
         self._thread.start()
 
@@ -208,6 +230,7 @@ class Engine:
                     break
                 exclusive, self._exclusive = list(self._exclusive), deque()
                 cancelled = [i for i, r in self._running.items() if r.ticket.cancelled]
+            _use_threads(self.threads)
             for fn, future in exclusive:
                 if future.set_running_or_notify_cancel():
                     try:
@@ -221,6 +244,7 @@ class Engine:
                 for ticket, job in self._admit():
                     self._start(ticket, job)
                 if self._batch.active:
+                    _use_threads(step_threads(len(self._batch.rows), self.threads))
                     self._step()
             except Exception as e:  # a bug of ours: the batch's requests fail, the engine goes on
                 logger.exception("engine step failed")
@@ -329,3 +353,9 @@ class Engine:
         for _, future in exclusive:
             if future.set_running_or_notify_cancel():
                 future.set_exception(error)
+
+
+def _use_threads(threads: int) -> None:
+    """Set the engine thread's CPU threads (PyTorch's setting is per thread: the caller's own passes)."""
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
