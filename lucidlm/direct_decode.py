@@ -46,8 +46,7 @@ from torch import nn
 
 from .introspect.hook_point import Observers
 from .kernels import cpu_decode
-from .models.dense_path import DENSE_FROM_ROWS
-from .models.dot_linear import Int8DotLinear
+from .models.dot_linear import DENSE_FROM_ROWS, Int8DotLinear
 from .models import gemma3, llama
 from .models.gemma3 import Gemma3, GemmaRMSNorm
 from .models.layers import RMSNorm, RotaryEmbedding, SwiGLU, pass_positions, window_of_keys
@@ -80,7 +79,7 @@ class Norm(NamedTuple):
 
 class Matmul(NamedTuple):
     """An `Int8DotLinear`'s tensors, for its kernel path (which it takes for fewer than
-    `dense_path.DENSE_FROM_ROWS` rows): x (..., K) float32 -> x Wᵀ (+ b), (..., N) float32."""
+    `dot_linear.DENSE_FROM_ROWS` rows): x (..., K) float32 -> x Wᵀ (+ b), (..., N) float32."""
     weights: torch.Tensor
     scales: torch.Tensor
     bits: int

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from lucidlm.kernels import cpu_decode
-from lucidlm.models.dot_linear import Int8DotLinear
+from lucidlm.models.dot_linear import DENSE_FROM_ROWS, Int8DotLinear
 
 pytestmark = pytest.mark.skipif(not cpu_decode.available(), reason="needs AVX-512 VNNI and a C++ compiler")
 
@@ -60,7 +60,9 @@ def from_random(bits: int, N: int, K: int, seed: int = 0):
 
 
 @pytest.mark.parametrize("bits", [4, 5])
-@pytest.mark.parametrize("M,N,K", [(1, 960, 576), (1, 576, 1536), (3, 5, 64), (8, 48, 640), (2, 300, 2048)])
+# M: rows of x, taken 4 at a time by the kernel (blocks of 4 rows, the last M % 4 alone, tiles of 8)
+@pytest.mark.parametrize("M,N,K", [(1, 960, 576), (1, 576, 1536), (3, 5, 64), (8, 48, 640), (2, 300, 2048),
+                                   (5, 40, 576), (13, 33, 128), (31, 64, 576)])
 def test_int4_and_int5_matmuls_are_the_float_product_within_the_rounding_bound(M, N, K, bits):
     layer, W = from_random(bits, N, K)
     x = activations(M, K)
@@ -68,6 +70,21 @@ def test_int4_and_int5_matmuls_are_the_float_product_within_the_rounding_bound(M
     assert y.dtype == torch.float32 and y.shape == (M, N)
     error = (y.double() - x.double() @ W.t()).abs()
     assert (error <= error_bound(x, W)).all(), f"max error {error.max():.3g}"
+
+
+@pytest.mark.parametrize("bits", [4, 5, 8])
+def test_each_row_of_several_is_the_row_alone_bit_for_bit(bits):
+    """The kernel multiplies rows 4 at a time (each chunk of weights decoded once for them): a row's
+    result must not depend on the rows beside it, so a batch of sequences computes what each alone does."""
+    if bits == 8:
+        layer, W = Int8DotLinear.quantize(torch.randn(72, 576, generator=torch.Generator().manual_seed(4))), None
+    else:
+        layer, W = from_random(bits, 72, 576, seed=bits)
+    x = activations(DENSE_FROM_ROWS - 1, 576, seed=bits)
+    together = layer(x)
+    for M in (2, 4, 5, 9, 17):
+        assert torch.equal(layer(x[:M]), together[:M])
+    assert torch.equal(torch.cat([layer(row) for row in x.split(1)]), together)
 
 
 def test_a_single_int8_term_would_miss_the_bound():
@@ -155,7 +172,7 @@ def test_stacked_layers_give_the_parts_outputs_bit_for_bit():
 def test_many_rows_take_the_dense_path_on_the_same_weights():
     q, scale, offset, W = random_int4(96, 576)
     layer = Int8DotLinear.from_int4(q, scale, offset)
-    x = activations(200, 576)  # >= DENSE_FROM_ROWS
+    x = activations(200, 576)  # >= dot_linear.DENSE_FROM_ROWS
     reference = x.double() @ W.t()
     # bfloat16 dense matmuls on AVX-512 BF16 CPUs (x and W rounded to 8 bits), float32 elsewhere
     torch.testing.assert_close(layer(x).double(), reference, rtol=2e-2, atol=2e-2 * reference.abs().max().item())

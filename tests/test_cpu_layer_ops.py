@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from lucidlm.kernels import cpu_decode
+from lucidlm.models.dot_linear import DENSE_FROM_ROWS
 
 pytestmark = pytest.mark.skipif(not cpu_decode.available(), reason="needs AVX-512 VNNI and a C++ compiler")
 
@@ -132,7 +133,7 @@ def test_matmul_keeps_the_inputs_leading_dimensions_bit_for_bit():
 def test_left_padded_batch_of_a_packed_model_matches_transformers(tmp_path):
     """Two prompts of different lengths, the shorter left-padded, through a tiny Q4_1 GGUF model:
     each row's RMSNorms run over its own vectors and each row's RoPE at its own positions (a prompt
-    pass of 2 x 23 rows, then decode steps), through these kernels. Every row's logits are
+    pass of 2 x 14 rows, then decode steps), through these kernels. Every row's logits are
     transformers' on that sequence alone."""
     import numpy as np
     from gguf import GGMLQuantizationType
@@ -144,7 +145,8 @@ def test_left_padded_batch_of_a_packed_model_matches_transformers(tmp_path):
     model = lucidlm.load(str(write_gguf(tmp_path / "tiny.gguf", tiny_metadata(), tensors)), progress=False).model
     assert all(m.cpu_kernel for m in model.modules() if hasattr(m, "cpu_kernel"))  # norms, RoPE, MLPs
     rng = np.random.default_rng(3)
-    prompt_lengths, steps = [15, 23], 6
+    prompt_lengths, steps = [9, 14], 6
+    assert 2 * max(prompt_lengths) < DENSE_FROM_ROWS  # the prompt pass on the kernels too, not the dense path
     sequences = [torch.from_numpy(rng.integers(0, VOCAB_SIZE, size=(n + steps,))) for n in prompt_lengths]
     width = max(prompt_lengths)
     tokens = torch.zeros(2, width, dtype=torch.long)

@@ -51,6 +51,23 @@ constexpr auto PREFETCH_HINT = _MM_HINT_NTA;
 // float16 numbers per chunk: scales and offsets (4-, 5-bit), scales only (8-bit: offsets -128 scale)
 constexpr int64_t scales_per_chunk(int64_t bits) { return bits == 8 ? 2 : 4; }
 
+// Rows of x multiplied together by rows_block (each chunk's weights decoded once for all of
+// them), and rows of x per pass over a thread's weight rows (a tile's activations, ~2.3 KB per
+// row of K = 576, stay in the core's L1 cache while the weights pass by; a multiple of BLOCK_ROWS).
+constexpr int64_t BLOCK_ROWS = 4, TILE_ROWS = 8;
+
+// Where quantize_rows puts row m of x: in a block of BLOCK_ROWS rows, or alone (the last M % 4).
+struct RowPlace {
+  int64_t first, rows, index;  // the block's first row, its number of rows, m's place in it
+};
+inline RowPlace place_of(int64_t m, int64_t M) {
+  const int64_t blocked = M - M % BLOCK_ROWS;
+  return m < blocked ? RowPlace{m - m % BLOCK_ROWS, BLOCK_ROWS, m % BLOCK_ROWS} : RowPlace{m, 1, 0};
+}
+
+// Bytes of `activations` per row and chunk: p1, p2 (64 int8 each) and e (16 floats), see below.
+constexpr int64_t ACTIVATION_BYTES = 64 + 64 + 64;
+
 // x (M, K) float32 -> two int8 terms per value, x ~ e (256 p1 + p2), e a scale per group of 32:
 // p1 rounds x to steps of 256 e = max|x|/127, p2 rounds what p1 left over (at most half a step:
 // 128 e; clamped to 127) to steps of e. One term alone errs by up to max|x|/254 per value, and
@@ -58,30 +75,58 @@ constexpr int64_t scales_per_chunk(int64_t bits) { return bits == 8 ? 2 : 4; }
 // 1/256 of that. The kernel gets 256 q.p1 + q.p2 as integers (vpdpbusd, a shift, vpdpbusd
 // again, into the same int32 lanes: 4 * 255 * 127 * 257 < 2^31), one instruction more per chunk
 // than one term, which a kernel bound by reading the weights from memory has time for.
-// p: (2, M, K) int8; e: (M, K/32); s: (M, K/32) e (256 sum p1 + sum p2) / 8, the second sum of
-// the formula above (divided by 8: the kernel adds it in each of 8 lanes).
-void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* p, float* e, float* s) {
-  const int64_t G = K / 32;
+// Also s = e (256 sum p1 + sum p2) / 8 per group, the second sum of the formula above (divided
+// by 8: the kernel adds it in each of 8 lanes).
+// Laid out in the order rows_block reads them, block by block (place_of), chunk by chunk:
+//   activations: for a block of R rows from row f, chunk c, at (f * chunks + c * R) * 192 bytes:
+//     p1 of its R rows (64 bytes each), their p2, their e (16 floats each: the chunk's two group
+//     scales spread over the lanes as vpdpbusd leaves the groups' sums, eA x 8, eB x 8);
+//   s: at (f * chunks + c * R) * 2 floats, each row's two groups' (sA, sB).
+void quantize_rows(const float* x, int64_t M, int64_t K, uint8_t* activations, float* s) {
+  const int64_t chunks = K / CHUNK;
   for (int64_t m = 0; m < M; m++) {
-    for (int64_t g = 0; g < G; g++) {
-      __m512 v[2] = {_mm512_loadu_ps(x + m * K + g * 32), _mm512_loadu_ps(x + m * K + g * 32 + 16)};
-      float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
-      float step = amax / 127.f, inverse = amax > 0.f ? 127.f / amax : 0.f;
-      int total = 0;
-      for (int half = 0; half < 2; half++) {
-        // round to nearest (even), as torch.round; then the rest, in steps 256 times finer
-        __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v[half], _mm512_set1_ps(inverse)));
-        __m512 rest = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(q1), _mm512_set1_ps(step), v[half]);
-        __m512i q2 = _mm512_cvtps_epi32(_mm512_mul_ps(rest, _mm512_set1_ps(256.f * inverse)));
-        q2 = _mm512_max_epi32(_mm512_min_epi32(q2, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
-        _mm_storeu_si128((__m128i*)(p + m * K + g * 32 + 16 * half), _mm512_cvtsepi32_epi8(q1));
-        _mm_storeu_si128((__m128i*)(p + (M + m) * K + g * 32 + 16 * half), _mm512_cvtsepi32_epi8(q2));
-        total += 256 * _mm512_reduce_add_epi32(q1) + _mm512_reduce_add_epi32(q2);
+    const RowPlace place = place_of(m, M);
+    for (int64_t c = 0; c < chunks; c++) {
+      uint8_t* a = activations + (place.first * chunks + c * place.rows) * ACTIVATION_BYTES;
+      int8_t* p1 = reinterpret_cast<int8_t*>(a) + place.index * 64;
+      int8_t* p2 = p1 + place.rows * 64;
+      float* e = reinterpret_cast<float*>(a + 2 * place.rows * 64) + place.index * 16;
+      float* sums = s + (place.first * chunks + c * place.rows + place.index) * 2;
+      for (int group = 0; group < 2; group++) {
+        const float* v32 = x + m * K + c * CHUNK + group * 32;
+        __m512 v[2] = {_mm512_loadu_ps(v32), _mm512_loadu_ps(v32 + 16)};
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+        float step = amax / 127.f, inverse = amax > 0.f ? 127.f / amax : 0.f;
+        int total = 0;
+        for (int half = 0; half < 2; half++) {
+          // round to nearest (even), as torch.round; then the rest, in steps 256 times finer
+          __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v[half], _mm512_set1_ps(inverse)));
+          __m512 rest = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(q1), _mm512_set1_ps(step), v[half]);
+          __m512i q2 = _mm512_cvtps_epi32(_mm512_mul_ps(rest, _mm512_set1_ps(256.f * inverse)));
+          q2 = _mm512_max_epi32(_mm512_min_epi32(q2, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+          _mm_storeu_si128((__m128i*)(p1 + group * 32 + 16 * half), _mm512_cvtsepi32_epi8(q1));
+          _mm_storeu_si128((__m128i*)(p2 + group * 32 + 16 * half), _mm512_cvtsepi32_epi8(q2));
+          total += 256 * _mm512_reduce_add_epi32(q1) + _mm512_reduce_add_epi32(q2);
+        }
+        _mm256_storeu_ps(e + group * 8, _mm256_set1_ps(step / 256.f));
+        sums[group] = step / 256.f * (float)total / 8.f;
       }
-      e[m * G + g] = step / 256.f;
-      s[m * G + g] = step / 256.f * (float)total / 8.f;
     }
   }
+}
+
+// The two float16 numbers at h, as 16 floats (a, b, a, b, ...).
+inline __m512 pair(const uint16_t* h) {
+  int32_t bits;
+  std::memcpy(&bits, h, 4);
+  return _mm512_cvtph_ps(_mm256_set1_epi32(bits));
+}
+
+// The two floats at f, as 16 floats (a, b, a, b, ...).
+inline __m512 pair(const float* f) {
+  double bits;
+  std::memcpy(&bits, f, 8);
+  return _mm512_castpd_ps(_mm512_set1_pd(bits));
 }
 
 // One chunk's weights as 64 unsigned bytes in value order.
@@ -102,51 +147,61 @@ inline __m512i load_chunk(const uint8_t* w) {
   }
 }
 
-// The two float16 numbers at h, as 16 floats (a, b, a, b, ...).
-inline __m512 pair(const uint16_t* h) {
-  int32_t bits;
-  std::memcpy(&bits, h, 4);
-  return _mm512_cvtph_ps(_mm256_set1_epi32(bits));
+// y[m, n] for one weight row n (w, its bytes; h, its float16 numbers) and the block of MB rows
+// of x from row `first` (y_n: y + n, a row's outputs N apart). Each chunk's weights and scales are
+// decoded once for all MB rows: with several rows (a short prompt, a batch of sequences) the
+// kernel is bound by its arithmetic, not by memory, and this is the arithmetic they share. Each
+// row's sums are the same operations in the same order whatever MB is.
+template <int BITS, int MB>
+inline void rows_block(const uint8_t* w, const uint16_t* h, const uint8_t* activations, const float* s,
+                       int64_t chunks, int64_t N, int64_t first, float* y_n) {
+  constexpr int64_t SC = scales_per_chunk(BITS), chunk_bytes = CHUNK * BITS / 8;
+  const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);  // (a, b, ..) -> (a x 8, b x 8)
+  const uint8_t* a = activations + first * chunks * ACTIVATION_BYTES;
+  const float* sums = s + first * chunks * 2;
+  __m512 acc[MB], offsets[MB];
+  for (int j = 0; j < MB; j++) acc[j] = offsets[j] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < chunks; c++, w += chunk_bytes, h += SC, a += MB * ACTIVATION_BYTES, sums += MB * 2) {
+    _mm_prefetch((const char*)(w + PREFETCH_AHEAD), PREFETCH_HINT);  // (past the end: harmless)
+    const __m512i q = load_chunk<BITS>(w);
+    const __m512 weight_scale = _mm512_permutexvar_ps(spread, pair(h));  // (dA x 8, dB x 8)
+    const __m512 weight_offset = pair(h + (BITS == 8 ? 0 : 2));  // (mA, mB, ...) or (dA, dB, ...)
+    for (int j = 0; j < MB; j++) {
+      __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, _mm512_loadu_si512(a + j * 64));
+      dot = _mm512_dpbusd_epi32(_mm512_slli_epi32(dot, 8), q, _mm512_loadu_si512(a + (MB + j) * 64));
+      const __m512 scale = _mm512_mul_ps(weight_scale, _mm512_loadu_ps(a + (2 * MB + j) * 64));
+      acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[j]);
+      // the offsets' term: m (4-bit), or d, times -128 once at the end (8-bit)
+      offsets[j] = _mm512_fmadd_ps(weight_offset, pair(sums + j * 2), offsets[j]);
+    }
+  }
+  for (int j = 0; j < MB; j++) {
+    if constexpr (BITS == 8) offsets[j] = _mm512_mul_ps(offsets[j], _mm512_set1_ps(-128.f));
+    y_n[(first + j) * N] = _mm512_reduce_add_ps(_mm512_add_ps(acc[j], offsets[j]));
+  }
 }
 
-// The two floats at f, as 16 floats (a, b, a, b, ...).
-inline __m512 pair(const float* f) {
-  double bits;
-  std::memcpy(&bits, f, 8);
-  return _mm512_castpd_ps(_mm512_set1_pd(bits));
-}
-
-// y[m, n] for rows n in [n0, n1): weights (N, K * BITS/8) bytes, scales (N, K/64, 4 or 2) float16.
+// y[m, n] for weight rows n in [n0, n1): weights (N, K * BITS/8) bytes, scales (N, K/64, 4 or 2) float16.
 template <int BITS>
-void rows_dot(const uint8_t* weights, const uint16_t* scales, const int8_t* p, const float* e, const float* s,
+void rows_dot(const uint8_t* weights, const uint16_t* scales, const uint8_t* activations, const float* s,
               int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1, float* y) {
-  const int64_t chunks = K / CHUNK, row_bytes = K * BITS / 8, chunk_bytes = CHUNK * BITS / 8;
-  // (a, b, a, b, ...) -> (a x 8, b x 8): the scale of each int32 lane's group
-  const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  const int64_t chunks = K / CHUNK, row_bytes = K * BITS / 8, row_scales = chunks * scales_per_chunk(BITS);
   for (int64_t ahead = 0; ahead < PREFETCH_AHEAD; ahead += 64)  // the start of this thread's rows
     _mm_prefetch((const char*)(weights + n0 * row_bytes + ahead), PREFETCH_HINT);
-  for (int64_t n = n0; n < n1; n++) {
-    const uint8_t* w = weights + n * row_bytes;
-    constexpr int64_t SC = scales_per_chunk(BITS);
-    const uint16_t* h = scales + n * chunks * SC;
-    for (int64_t m = 0; m < M; m++) {
-      const int8_t* p1 = p + m * K;
-      const int8_t* p2 = p + (M + m) * K;
-      const float* em = e + m * 2 * chunks;
-      const float* sm = s + m * 2 * chunks;
-      __m512 acc = _mm512_setzero_ps(), offsets = _mm512_setzero_ps();
-      for (int64_t c = 0; c < chunks; c++) {
-        _mm_prefetch((const char*)(w + c * chunk_bytes + PREFETCH_AHEAD), PREFETCH_HINT);  // (past the end: harmless)
-        const __m512i q = load_chunk<BITS>(w + c * chunk_bytes);
-        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, _mm512_loadu_si512(p1 + c * CHUNK));
-        dot = _mm512_dpbusd_epi32(_mm512_slli_epi32(dot, 8), q, _mm512_loadu_si512(p2 + c * CHUNK));
-        __m512 scale = _mm512_permutexvar_ps(spread, _mm512_mul_ps(pair(h + c * SC), pair(em + c * 2)));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc);
-        // the offsets' term: m (4-bit), or d, times -128 once at the end (8-bit)
-        offsets = _mm512_fmadd_ps(pair(h + c * SC + (BITS == 8 ? 0 : 2)), pair(sm + c * 2), offsets);
+  for (int64_t tile = 0; tile < M; tile += TILE_ROWS) {
+    const int64_t tile_end = std::min(M, tile + TILE_ROWS);
+    for (int64_t n = n0; n < n1; n++) {
+      const uint8_t* w = weights + n * row_bytes;
+      const uint16_t* h = scales + n * row_scales;
+      for (int64_t m = tile; m < tile_end;) {
+        if (place_of(m, M).rows == BLOCK_ROWS) {
+          rows_block<BITS, BLOCK_ROWS>(w, h, activations, s, chunks, N, m, y + n);
+          m += BLOCK_ROWS;
+        } else {
+          rows_block<BITS, 1>(w, h, activations, s, chunks, N, m, y + n);
+          m += 1;
+        }
       }
-      if constexpr (BITS == 8) offsets = _mm512_mul_ps(offsets, _mm512_set1_ps(-128.f));
-      y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc, offsets));
     }
   }
 }
@@ -169,16 +224,16 @@ at::Tensor int8_dot_matmul(const at::Tensor& x_in, const at::Tensor& weights, co
               scales.numel() == N * K / CHUNK * scales_per_chunk(bits), "scales: (N, K/64, 4 (4-, 5-bit) or 2 (8-bit)) float16");
   // x's rounding goes to scratch space of the calling thread, kept between calls: three tensors
   // allocated and freed per call were ~1 us each, and a SmolLM2 step makes 121 calls.
-  thread_local std::vector<int8_t> p_scratch;
-  thread_local std::vector<float> e_scratch, s_scratch;
-  if ((int64_t)p_scratch.size() < 2 * M * K) p_scratch.resize(2 * M * K);
-  if ((int64_t)e_scratch.size() < M * K / 32) e_scratch.resize(M * K / 32), s_scratch.resize(M * K / 32);
-  int8_t* p = p_scratch.data();
-  float *e = e_scratch.data(), *s = s_scratch.data();
+  thread_local std::vector<uint8_t> a_scratch;
+  thread_local std::vector<float> s_scratch;
+  if ((int64_t)a_scratch.size() < M * K / CHUNK * ACTIVATION_BYTES) a_scratch.resize(M * K / CHUNK * ACTIVATION_BYTES);
+  if ((int64_t)s_scratch.size() < M * K / 32) s_scratch.resize(M * K / 32);
+  uint8_t* a = a_scratch.data();
+  float* s = s_scratch.data();
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
   at::Tensor y = at::empty(shape, x.options());
-  quantize_rows(x.data_ptr<float>(), M, K, p, e, s);
+  quantize_rows(x.data_ptr<float>(), M, K, a, s);
   const uint8_t* w = weights.data_ptr<uint8_t>();
   const uint16_t* h = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
   float* out = y.data_ptr<float>();
@@ -188,11 +243,11 @@ at::Tensor int8_dot_matmul(const at::Tensor& x_in, const at::Tensor& weights, co
   const int64_t grain = 16;
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     if (bits == 4)
-      rows_dot<4>(w, h, p, e, s, M, K, N, n0, n1, out);
+      rows_dot<4>(w, h, a, s, M, K, N, n0, n1, out);
     else if (bits == 5)
-      rows_dot<5>(w, h, p, e, s, M, K, N, n0, n1, out);
+      rows_dot<5>(w, h, a, s, M, K, N, n0, n1, out);
     else
-      rows_dot<8>(w, h, p, e, s, M, K, N, n0, n1, out);
+      rows_dot<8>(w, h, a, s, M, K, N, n0, n1, out);
   });
   return y;
 }

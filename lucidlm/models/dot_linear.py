@@ -13,9 +13,9 @@ AVX-512 VNNI, packed models keep their 4-, 5- and 8-bit matrices in this form in
                    -128 * scale, not stored),
                    or any other matrix (Q6_K ...) rounded to int8 with a scale per 32 values.
 
-Few rows (decode steps, prompt lookup's checks, small batches) go through the kernel, which
-rounds x to two int8 terms (a scale per 32 values: ~1e-5 of each group's maximum) and returns
-float32. Many rows (from `dense_path.DENSE_FROM_ROWS`: a prefill) decode the weight and run a
+Few rows (decode steps, prompt lookup's checks, batches, short prompts) go through the kernel,
+which rounds x to two int8 terms (a scale per 32 values: ~1e-5 of each group's maximum) and
+returns float32. Many rows (from `DENSE_FROM_ROWS`: a prefill) decode the weight and run a
 dense matmul, as the other packed layers do (in bfloat16 on CPUs with AVX-512 BF16). Like them
 it looks like nn.Linear from outside (`in_features`, `out_features`, `weight`, `bias`,
 `weight_rows`).
@@ -33,6 +33,14 @@ from ..kernels import cpu_decode
 from . import dense_path
 
 GROUP = 32  # values sharing a scale and an offset (the ggml block size)
+
+# Rows from which a call decodes the weight and runs a dense matmul instead of the kernel. The
+# kernel's time grows with the rows (~1.1 ms a token of a SmolLM2 prompt, 4 rows sharing each
+# decoded chunk of weights); the dense path pays ~25 ms to decode the model's weights, then
+# ~0.3 ms a token. `python bench/prefill_rows.py` (2 threads, AVX-512 BF16; kernel / dense ms):
+# SmolLM2 prompts of 24 tokens 27 / 35, 32: 33 / 38, 48: 58 / 50; Gemma 3 24: 33 / 35,
+# 32: 42 / 38, 48: 59 / 43. (The int4 kernels of `packed` cross over later: dense_path.)
+DENSE_FROM_ROWS = 32
 
 
 class Int8DotLinear(nn.Module):
@@ -147,7 +155,7 @@ class Int8DotLinear(nn.Module):
         return cpu_decode.dequantize(self.weights[start:stop], self.scales[start:stop], self.bits, rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() < dense_path.DENSE_FROM_ROWS * self.in_features:  # a few rows: the kernel
+        if x.numel() < DENSE_FROM_ROWS * self.in_features:  # a few rows: the kernel
             # (x as it comes, (..., K): a decode step makes ~120 of these calls, and each reshape or
             # conversion around them would cost ~1 us)
             y = cpu_decode.matmul(x, self.weights, self.scales, self.bits)  # (..., N) float32
