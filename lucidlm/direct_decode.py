@@ -26,11 +26,14 @@ gradients, while nobody observes the model (`hook_point.Observers`: a hook liste
 module hook, or an attention layer asked for its weights) and no PyTorch mode or profiler is
 active (the kernels' bindings bypass the dispatcher those act in). Everything else (prompts, prompt
 lookup's checking passes, introspection, `torch.compile`'s tracing) goes through the ordinary
-forward, which is where the model is defined and where it can be watched. The weights and
-modules are gathered again at every prompt pass, so a model changed between generations (a
-module or Parameter replaced) is seen, and one whose blocks are no longer the family's own
-classes runs every pass through its forward; a change in the middle of a generation, between
-decode steps, is not seen until the next prompt (in-place edits of a tensor always are).
+forward, which is where the model is defined and where it can be watched. At every prompt pass
+it checks whether the model changed since its weights and modules were gathered (a module,
+Parameter or buffer assigned anywhere, PyTorch's registration hooks count them; the model moved
+with `.to()`) and gathers them again if so, so a model changed between generations is seen,
+and one whose blocks are no longer the family's own classes runs every pass through its
+forward. A change in the middle of a generation, between decode steps, is not seen until the
+next prompt (in-place edits of a tensor always are); changes outside those (a layer's settings
+edited, `.to()` on one submodule) need `model.forward.gather()`.
 
 The loader installs it for packed Llama-family and Gemma 3 models (`install`, from
 `loading.load`); `LUCIDLM_DIRECT_DECODE=0` keeps the eager forward (to compare them, say).
@@ -144,6 +147,46 @@ def layer_step(layer: Layer, x: torch.Tensor, angles, mask: torch.Tensor | None,
 
 CACHE_DTYPES = (torch.float32, torch.float16)  # what rope_and_store writes and decode_attention reads
 
+# Modules, Parameters and buffers assigned to any module so far (`block.mlp = ...`, `norm.weight =
+# nn.Parameter(...)`, `model.layers[3] = ...`, `load_state_dict(assign=True)`): PyTorch calls its
+# global registration hooks for each. A count that has not moved since the layers were gathered
+# says, for the price of one comparison, that no module's weights or parts were replaced.
+_assignments = 0
+
+
+def _count_assignment(module: nn.Module, name: str, value) -> None:
+    global _assignments
+    _assignments += 1  # (returns None: the assignment goes ahead unchanged)
+
+
+_counting = False
+
+
+def _count_assignments() -> None:
+    global _counting
+    if not _counting:
+        nn.modules.module.register_module_module_registration_hook(_count_assignment)
+        nn.modules.module.register_module_parameter_registration_hook(_count_assignment)
+        nn.modules.module.register_module_buffer_registration_hook(_count_assignment)
+        _counting = True
+
+
+def _state(model: nn.Module) -> tuple:
+    """What `DirectDecode` compares to see whether `model` changed since its layers were gathered: the
+    assignments counted, the number of blocks, and the first and last blocks' output projections'
+    weight tensors (`.to()`/`.half()` on the model put new tensors into the buffers without an
+    assignment). ~2 µs, where gathering takes ~2 ms."""
+    blocks = model.layers
+
+    def o_weights(block):
+        return getattr(getattr(getattr(block, "self_attn", None), "o_proj", None), "weights", None)
+
+    return _assignments, len(blocks), o_weights(blocks[0]), o_weights(blocks[-1])
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return a[:2] == b[:2] and all(x is y for x, y in zip(a[2:], b[2:]))
+
 
 def _modes_active() -> bool:
     """A TorchFunctionMode or TorchDispatchMode on the stack, or the profiler running."""
@@ -167,13 +210,15 @@ class DirectDecode:
         self.gather()
 
     def gather(self) -> None:
-        """Read the model's modules, tensors and observers as they are now. Done at every prompt pass
-        (every generation starts with one), so that modules or weights replaced between generations
-        (`model.layers[3].mlp = ...`, `norm.weight = nn.Parameter(...)`) are seen; a model that no
-        longer `applies` (a replaced module of another class) runs every pass through its forward.
-        (In-place edits of a tensor are seen at once: the steps read the tensors themselves.)"""
+        """Read the model's modules, tensors and observers as they are now. Done again at a prompt pass
+        (every generation starts with one) when the model has changed since (`_state`), so that
+        modules or weights replaced between generations (`model.layers[3].mlp = ...`, `norm.weight =
+        nn.Parameter(...)`) are seen; a model that no longer `applies` (a replaced module of another
+        class) runs every pass through its forward. (In-place edits of a tensor are seen at once: the
+        steps read the tensors themselves.)"""
         model = self.model
         self.layers = None
+        self.gathered = _state(model)
         if not applies(model):
             return
         self.observers = Observers(model)
@@ -191,8 +236,8 @@ class DirectDecode:
                  last_only: bool = False) -> torch.Tensor:
         if self.takes(tokens, cache, valid):
             return self.step(tokens, cache)
-        if cache is None or cache.length == 0:  # a prompt: see the model as it is now
-            self.gather()
+        if (cache is None or cache.length == 0) and not _same(_state(self.model), self.gathered):
+            self.gather()  # a prompt, and the model changed: see it as it is now
         return self.eager(tokens, cache, valid, last_only)  # (last_only changes nothing for one position)
 
     def takes(self, tokens: torch.Tensor, cache, valid: torch.Tensor | None) -> bool:
@@ -283,9 +328,14 @@ def install(model: nn.Module) -> DirectDecode | None:
     """Make `model`'s decode steps direct (module docstring) where that `applies`; returns the installed
     `DirectDecode`, or None (the model keeps its forward). LUCIDLM_DIRECT_DECODE=0: never."""
     global kernels
-    if os.environ.get("LUCIDLM_DIRECT_DECODE", "1") == "0" or cpu_decode.bound() is None or not applies(model):
+    if os.environ.get("LUCIDLM_DIRECT_DECODE", "1") == "0" or cpu_decode.bound() is None:
         return None
     kernels = cpu_decode.bound()
-    if not isinstance(model.forward, DirectDecode):
-        model.forward = DirectDecode(model)
-    return model.forward
+    _count_assignments()
+    if isinstance(model.forward, DirectDecode):
+        return model.forward
+    direct = DirectDecode(model)
+    if direct.layers is None:  # it does not apply
+        return None
+    model.forward = direct
+    return direct

@@ -206,18 +206,33 @@ def test_installed_only_where_it_computes_the_forward(tmp_path, tiny, monkeypatc
     assert not isinstance(lucidlm.load(str(path), progress=False).model.forward, DirectDecode)
 
 
+def _flip_bits(weights: torch.Tensor) -> torch.Tensor:
+    """Other 4-bit values in some of a packed matrix's bytes (a different weight, same layout)."""
+    flipped = weights.clone()
+    flipped[:, :4] ^= 0x11
+    return flipped
+
+
 def test_models_changed_between_generations_are_seen(tiny_path, monkeypatch):
-    """Direct steps gather the model's modules and tensors at each prompt pass: a weight replaced by a
-    new Parameter, a block dropped, or an MLP replaced by a module of another class (then every pass
-    runs the forward, and hooks on the new module are called) between generations."""
+    """Direct steps gather the model's modules and tensors again at a prompt pass when the model has
+    changed: a weight replaced by a new Parameter, a packed matrix's buffer replaced, every buffer
+    replaced without an assignment (what `.to()` does), a block dropped, or an MLP replaced by a
+    module of another class (then every pass runs the forward, and hooks on the new module are
+    called) between generations."""
     calls = _count_direct_steps(monkeypatch)
     model = lucidlm.load(str(tiny_path), progress=False).model
     prompt = _ids(model.config.vocab_size, 1, 7, seed=10)
+    assert_steps_are_the_forwards(model, prompt, steps=2)
     model.norm.weight = torch.nn.Parameter(model.norm.weight.detach() * 0.5, requires_grad=False)
-    assert_steps_are_the_forwards(model, prompt, steps=4)
+    assert_steps_are_the_forwards(model, prompt, steps=2)
+    down = model.layers[1].mlp.down_proj
+    down.weights = _flip_bits(down.weights)
+    assert_steps_are_the_forwards(model, prompt, steps=2)
+    model._apply(lambda t: _flip_bits(t) if t.dtype == torch.uint8 and t.dim() == 2 else t)  # as .to() does
+    assert_steps_are_the_forwards(model, prompt, steps=2)
     model.layers = torch.nn.ModuleList(list(model.layers)[:1])
     assert_steps_are_the_forwards(model, prompt, steps=4)
-    assert len(calls) == 8
+    assert len(calls) == 12
 
     class Zero(torch.nn.Module):
         def forward(self, x):
@@ -227,7 +242,28 @@ def test_models_changed_between_generations_are_seen(tiny_path, monkeypatch):
     seen = []
     model.layers[0].mlp.register_forward_hook(lambda module, args, out: seen.append(out.shape[1]))
     assert_steps_are_the_forwards(model, prompt, steps=2)
-    assert len(calls) == 8 and seen == [7, 7, 1, 1, 1, 1]  # (two caches: each pass twice)
+    assert len(calls) == 12 and seen == [7, 7, 1, 1, 1, 1]  # (two caches: each pass twice)
+
+
+def test_an_unchanged_model_is_not_gathered_again(tiny_path, monkeypatch):
+    """Gathering costs ~2 ms (SmolLM2), added to each time to first token: a prompt pass of a model that
+    has not changed since skips it, through whole generations."""
+    from lucidlm.generate import generate_tokens
+    from lucidlm.sampling import SamplingParams, make_sampler
+
+    model = lucidlm.load(str(tiny_path), progress=False).model
+    gathered = []
+    original = DirectDecode.gather
+    monkeypatch.setattr(DirectDecode, "gather", lambda self: gathered.append(1) or original(self))
+    prompt = _ids(model.config.vocab_size, 1, 9, seed=4)[0].tolist()
+    for _ in range(3):
+        with torch.inference_mode():
+            list(generate_tokens(model, prompt, make_sampler(SamplingParams()), max_new_tokens=5))
+    assert gathered == []
+    model.layers[0].mlp.down_proj.weights = _flip_bits(model.layers[0].mlp.down_proj.weights)
+    with torch.inference_mode():
+        list(generate_tokens(model, prompt, make_sampler(SamplingParams()), max_new_tokens=5))
+    assert gathered == [1]
 
 
 def test_modes_profiler_global_hooks_and_other_caches_run_the_forward(tiny, monkeypatch):
