@@ -224,11 +224,14 @@ at::Tensor int8_dot_matmul(const at::Tensor& x_in, const at::Tensor& weights, co
               scales.numel() == N * K / CHUNK * scales_per_chunk(bits), "scales: (N, K/64, 4 (4-, 5-bit) or 2 (8-bit)) float16");
   // x's rounding goes to scratch space of the calling thread, kept between calls: three tensors
   // allocated and freed per call were ~1 us each, and a SmolLM2 step makes 121 calls.
+  // (The activations start on a cache line: the kernel reads them in 64-byte vectors, and one
+  // that straddled two lines would cost two reads.)
   thread_local std::vector<uint8_t> a_scratch;
   thread_local std::vector<float> s_scratch;
-  if ((int64_t)a_scratch.size() < M * K / CHUNK * ACTIVATION_BYTES) a_scratch.resize(M * K / CHUNK * ACTIVATION_BYTES);
+  if ((int64_t)a_scratch.size() < M * K / CHUNK * ACTIVATION_BYTES + 64)
+    a_scratch.resize(M * K / CHUNK * ACTIVATION_BYTES + 64);
   if ((int64_t)s_scratch.size() < M * K / 32) s_scratch.resize(M * K / 32);
-  uint8_t* a = a_scratch.data();
+  uint8_t* a = a_scratch.data() + (64 - reinterpret_cast<uintptr_t>(a_scratch.data()) % 64) % 64;
   float* s = s_scratch.data();
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;

@@ -35,12 +35,14 @@ from . import dense_path
 GROUP = 32  # values sharing a scale and an offset (the ggml block size)
 
 # Rows from which a call decodes the weight and runs a dense matmul instead of the kernel. The
-# kernel's time grows with the rows (~1.1 ms a token of a SmolLM2 prompt, 4 rows sharing each
+# kernel's time grows with the rows (~1 ms a token of a SmolLM2 prompt, 4 rows sharing each
 # decoded chunk of weights); the dense path pays ~25 ms to decode the model's weights, then
 # ~0.3 ms a token. `python bench/prefill_rows.py` (2 threads, AVX-512 BF16; kernel / dense ms):
-# SmolLM2 prompts of 24 tokens 27 / 35, 32: 33 / 38, 48: 58 / 50; Gemma 3 24: 33 / 35,
-# 32: 42 / 38, 48: 59 / 43. (The int4 kernels of `packed` cross over later: dense_path.)
-DENSE_FROM_ROWS = 32
+# SmolLM2 prompts of 24 tokens 25 / 32, 32: 31 / 36, 40: 39 / 38, 48: 46 / 47, 64: 60 / 54;
+# Gemma 3 24: 28 / 32, 32: 35 / 37, 40: 43 / 39, 48: 50 / 42. Between the crossovers; where the two
+# are close, the kernel's arithmetic is the more exact (bfloat16 dense matmuls: next-token KL ~2e-3
+# from float32, the kernel's ~1e-7). (The int4 kernels of `packed` cross over later: dense_path.)
+DENSE_FROM_ROWS = 36
 
 
 class Int8DotLinear(nn.Module):
