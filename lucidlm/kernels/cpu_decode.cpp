@@ -1,6 +1,6 @@
 // Kernels for a decode step on a CPU (lucidlm/kernels/cpu_decode.py says why and when):
-//   int8_dot_matmul    matrix-vector products with integer dot products: 4-, 5- or 8-bit weights
-//                      times activations quantized to int8 on the fly;
+//   int8_dot_matmul    products of a few rows with a matrix, in integer dot products: 4-, 5- or
+//                      8-bit weights times activations quantized to int8 on the fly;
 //   dequantize         the same weights as float32 or bfloat16 rows, for the dense prefill path;
 //   decode_attention   (cpu_attention.cpp) the attention of one query over the KV cache;
 //   argmax             the index of each row's largest value (greedy decoding's choice).

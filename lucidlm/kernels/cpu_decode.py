@@ -13,7 +13,9 @@ weights, which a kernel bound by reading its weights from memory has time for, a
 error drops from ~1/254 of each group's maximum to ~1/65000: decode steps compute what the
 float32 model computes (next-token KL ~1e-7 on SmolLM2, where llama.cpp's one-term rounding
 costs 3e-3: bench/RESULTS.md). `bench/decode_kernels.py` times it against PyTorch's kernel on a
-whole model's worth of matrices streamed from memory, as a decode step reads them.
+whole model's worth of matrices streamed from memory, as a decode step reads them. Several rows
+(a batch of sequences, a short prompt) share each decoded chunk of weights, 4 rows at a time
+(`bench/kernel_ab.py`: 1.4x a row).
 
 Layout (`Int8DotLinear` builds it): the weight W (N, K) in chunks of 64 values (two groups of
 32: A, B), each chunk's values q stored as unsigned bytes (4-bit: 32 bytes, byte b holding
