@@ -28,12 +28,14 @@ active (the kernels' bindings bypass the dispatcher those act in). Everything el
 lookup's checking passes, introspection, `torch.compile`'s tracing) goes through the ordinary
 forward, which is where the model is defined and where it can be watched. At every prompt pass
 it checks whether the model changed since its weights and modules were gathered (a module,
-Parameter or buffer assigned anywhere, PyTorch's registration hooks count them; the model moved
-with `.to()`) and gathers them again if so, so a model changed between generations is seen,
-and one whose blocks are no longer the family's own classes runs every pass through its
-forward. A change in the middle of a generation, between decode steps, is not seen until the
-next prompt (in-place edits of a tensor always are); changes outside those (a layer's settings
-edited, `.to()` on one submodule) need `model.forward.gather()`.
+Parameter or buffer assigned anywhere, which PyTorch's registration hooks count; blocks inserted,
+removed or reordered; the model moved with `.to()`) and gathers them again if so, so a model
+changed between generations is seen, and one whose blocks are no longer the family's own classes
+runs every pass through its forward. A change in the middle of a generation, between decode
+steps, is not seen until the next prompt (in-place edits of a tensor always are); changes the
+check does not see (a plain attribute edited, such as a norm's `eps` or a kernel flag; `.to()` on
+a submodule other than a block's output projection; a module's `_buffers` written directly) need
+`model.forward.gather()`.
 
 The loader installs it for packed Llama-family and Gemma 3 models (`install`, from
 `loading.load`); `LUCIDLM_DIRECT_DECODE=0` keeps the eager forward (to compare them, say).
@@ -49,8 +51,8 @@ from torch import nn
 
 from .introspect.hook_point import Observers
 from .kernels import cpu_decode
-from .models.dot_linear import DENSE_FROM_ROWS, Int8DotLinear
-from .models import gemma3, llama
+from .models import dot_linear, gemma3, llama
+from .models.dot_linear import Int8DotLinear
 from .models.gemma3 import Gemma3, GemmaRMSNorm
 from .models.layers import RMSNorm, RotaryEmbedding, SwiGLU, pass_positions, window_of_keys
 from .models.llama import Llama
@@ -173,19 +175,19 @@ def _count_assignments() -> None:
 
 def _state(model: nn.Module) -> tuple:
     """What `DirectDecode` compares to see whether `model` changed since its layers were gathered: the
-    assignments counted, the number of blocks, and the first and last blocks' output projections'
-    weight tensors (`.to()`/`.half()` on the model put new tensors into the buffers without an
-    assignment). ~2 µs, where gathering takes ~2 ms."""
-    blocks = model.layers
-
-    def o_weights(block):
-        return getattr(getattr(getattr(block, "self_attn", None), "o_proj", None), "weights", None)
-
-    return _assignments, len(blocks), o_weights(blocks[0]), o_weights(blocks[-1])
+    assignments counted, the blocks themselves (a ModuleList's `insert` and `del` rebuild its dict
+    without an assignment), and each block's output projection's weight and scale tensors (`.to()`
+    on the model or a block puts new tensors into the buffers without an assignment). ~20 µs for
+    SmolLM2's 30 blocks, where gathering takes ~2 ms."""
+    state = [_assignments]
+    for block in getattr(model, "layers", ()):
+        o_proj = getattr(getattr(block, "self_attn", None), "o_proj", None)
+        state += (block, getattr(o_proj, "weights", None), getattr(o_proj, "scales", None))
+    return tuple(state)
 
 
 def _same(a: tuple, b: tuple) -> bool:
-    return a[:2] == b[:2] and all(x is y for x, y in zip(a[2:], b[2:]))
+    return len(a) == len(b) and a[0] == b[0] and all(x is y for x, y in zip(a[1:], b[1:]))
 
 
 def _modes_active() -> bool:
@@ -248,7 +250,8 @@ class DirectDecode:
         dispatcher where those act)."""
         return (self.layers is not None and not torch.compiler.is_compiling() and cache is not None
                 and not cache.static and cache.length > 0 and valid is None
-                and tokens.shape[1] == 1 and tokens.shape[0] < DENSE_FROM_ROWS and tokens.device.type == "cpu"
+                and tokens.shape[1] == 1 and tokens.shape[0] < dot_linear.DENSE_FROM_ROWS
+                and tokens.device.type == "cpu"
                 and cache.keys[0].dtype in CACHE_DTYPES and cache.keys[0].is_contiguous()
                 and not torch.is_grad_enabled() and not _modes_active() and not self.observers.any())
 

@@ -181,6 +181,16 @@ def test_other_passes_run_the_forward(tiny, monkeypatch):
     with torch.enable_grad():
         tiny(ids[:, 6:7], cache)
     assert calls == []
+    # a batch of dot_linear.DENSE_FROM_ROWS rows: its matmuls take the dense path, which direct steps do not
+    from lucidlm.models.dot_linear import DENSE_FROM_ROWS
+
+    for rows in (DENSE_FROM_ROWS, DENSE_FROM_ROWS - 1):
+        batch = _ids(tiny.config.vocab_size, rows, 4, seed=rows)
+        with torch.inference_mode():
+            cache = tiny.new_cache(rows, 4)
+            tiny(batch[:, :3], cache)
+            tiny(batch[:, 3:], cache)
+    assert calls == [DENSE_FROM_ROWS - 1]
 
 
 def test_installed_only_where_it_computes_the_forward(tmp_path, tiny, monkeypatch):
@@ -243,6 +253,29 @@ def test_models_changed_between_generations_are_seen(tiny_path, monkeypatch):
     model.layers[0].mlp.register_forward_hook(lambda module, args, out: seen.append(out.shape[1]))
     assert_steps_are_the_forwards(model, prompt, steps=2)
     assert len(calls) == 12 and seen == [7, 7, 1, 1, 1, 1]  # (two caches: each pass twice)
+
+
+def test_middle_blocks_changed_without_an_assignment_are_seen(tmp_path, monkeypatch):
+    """Changes that PyTorch's registration hooks do not count: a ModuleList's `del` and `insert` (it
+    rebuilds its dict), and `.to()`-like tensor swaps inside one middle block."""
+    import copy
+
+    calls = _count_direct_steps(monkeypatch)
+    model = lucidlm.load(str(_q4_1_file(tmp_path / "four.gguf", n_heads=2, n_kv_heads=1, n_layers=4)),
+                         progress=False).model
+    prompt = _ids(model.config.vocab_size, 1, 7, seed=11)
+    assert_steps_are_the_forwards(model, prompt, steps=2)
+    other = copy.deepcopy(model.layers[1])
+    other.mlp.down_proj.weights = _flip_bits(other.mlp.down_proj.weights)
+    del model.layers[1]
+    model.layers.insert(1, other)
+    assert_steps_are_the_forwards(model, prompt, steps=2)
+    model.layers[2]._apply(lambda t: _flip_bits(t) if t.dtype == torch.uint8 and t.dim() == 2 else t)
+    assert_steps_are_the_forwards(model, prompt, steps=2)
+    model.layers.insert(2, model.layers[1])  # a block twice, then one fewer: the same count of blocks
+    del model.layers[4]
+    assert_steps_are_the_forwards(model, prompt, steps=2)
+    assert len(calls) == 8
 
 
 def test_an_unchanged_model_is_not_gathered_again(tiny_path, monkeypatch):

@@ -233,6 +233,11 @@ def test_small_batches_decode_on_one_thread_fewer_and_prefills_on_all():
         finally:
             engine.close()
         assert torch.get_num_threads() == 3
+        later = []  # a thread that starts using PyTorch afterwards gets the process's count, too
+        thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert later == [3]
     finally:
         torch.set_num_threads(before)
     prompts = [threads for _, length, threads in passes if length > 1]

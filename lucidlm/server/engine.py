@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -160,6 +161,7 @@ class Engine:
         self._closed = False
         self.rows = 0  # rows in the batch after the last step
         # prefills and `run_exclusive` work use all of the process's threads, decode steps `step_threads`
+        # (the count when the engine starts: PyTorch's default, or the caller's torch.set_num_threads)
         self.threads = torch.get_num_threads()
         self._thread = threading.Thread(target=self._loop, name="lucid-engine", daemon=True)
         self._thread.start()
@@ -230,7 +232,6 @@ class Engine:
                     break
                 exclusive, self._exclusive = list(self._exclusive), deque()
                 cancelled = [i for i, r in self._running.items() if r.ticket.cancelled]
-            _use_threads(self.threads)
             for fn, future in exclusive:
                 if future.set_running_or_notify_cancel():
                     try:
@@ -244,8 +245,8 @@ class Engine:
                 for ticket, job in self._admit():
                     self._start(ticket, job)
                 if self._batch.active:
-                    _use_threads(step_threads(len(self._batch.rows), self.threads))
-                    self._step()
+                    with _threads(step_threads(len(self._batch.rows), self.threads)):
+                        self._step()
             except Exception as e:  # a bug of ours: the batch's requests fail, the engine goes on
                 logger.exception("engine step failed")
                 self._reset(e)
@@ -355,7 +356,17 @@ class Engine:
                 future.set_exception(error)
 
 
-def _use_threads(threads: int) -> None:
-    """Set the engine thread's CPU threads (PyTorch's setting is per thread: the caller's own passes)."""
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
+@contextlib.contextmanager
+def _threads(threads: int):
+    """Run the block on `threads` CPU threads, then go back to the engine thread's own count.
+    (torch.set_num_threads sets the calling thread's count, and also the count of threads that
+    start using PyTorch later: going back at once keeps the change to this step.)"""
+    before = torch.get_num_threads()
+    if threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
