@@ -632,6 +632,7 @@ def test_smollm_embedding_table_stays_in_the_file(smollm_path):
     loading none of it is resident (building the tied LM head read it through a mapping of its
     own, gone with it), and a lookup brings in only the pages around its rows."""
     path = smollm_path.resolve()
+    gc.collect()  # (models of earlier tests waiting in reference cycles: their mappings go now, not below)
     before = _file_mappings(path)
     model = lucidlm.load(str(smollm_path), progress=False, dtype="packed").model
     table = model.embed_tokens.blocks
