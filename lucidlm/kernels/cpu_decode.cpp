@@ -56,13 +56,15 @@ constexpr int64_t scales_per_chunk(int64_t bits) { return bits == 8 ? 2 : 4; }
 // row of K = 576, stay in the core's L1 cache while the weights pass by; a multiple of BLOCK_ROWS).
 constexpr int64_t BLOCK_ROWS = 4, TILE_ROWS = 8;
 
-// Where quantize_rows puts row m of x: in a block of BLOCK_ROWS rows, or alone (the last M % 4).
+// Where quantize_rows puts row m of x: in a block of BLOCK_ROWS rows, or, for the last M % 4 rows,
+// in a block of those (which lies in the last tile, as every block lies in one tile).
 struct RowPlace {
   int64_t first, rows, index;  // the block's first row, its number of rows, m's place in it
 };
 inline RowPlace place_of(int64_t m, int64_t M) {
   const int64_t blocked = M - M % BLOCK_ROWS;
-  return m < blocked ? RowPlace{m - m % BLOCK_ROWS, BLOCK_ROWS, m % BLOCK_ROWS} : RowPlace{m, 1, 0};
+  return m < blocked ? RowPlace{m - m % BLOCK_ROWS, BLOCK_ROWS, m % BLOCK_ROWS}
+                     : RowPlace{blocked, M - blocked, m - blocked};
 }
 
 // Bytes of `activations` per row and chunk: p1, p2 (64 int8 each) and e (16 floats), see below.
@@ -194,13 +196,17 @@ void rows_dot(const uint8_t* weights, const uint16_t* scales, const uint8_t* act
       const uint8_t* w = weights + n * row_bytes;
       const uint16_t* h = scales + n * row_scales;
       for (int64_t m = tile; m < tile_end;) {
-        if (place_of(m, M).rows == BLOCK_ROWS) {
-          rows_block<BITS, BLOCK_ROWS>(w, h, activations, s, chunks, N, m, y + n);
-          m += BLOCK_ROWS;
-        } else {
+        static_assert(BLOCK_ROWS == 4, "blocks of 1 to 4 rows below");
+        const int64_t rows = place_of(m, M).rows;
+        if (rows == 4)
+          rows_block<BITS, 4>(w, h, activations, s, chunks, N, m, y + n);
+        else if (rows == 3)
+          rows_block<BITS, 3>(w, h, activations, s, chunks, N, m, y + n);
+        else if (rows == 2)
+          rows_block<BITS, 2>(w, h, activations, s, chunks, N, m, y + n);
+        else
           rows_block<BITS, 1>(w, h, activations, s, chunks, N, m, y + n);
-          m += 1;
-        }
+        m += rows;
       }
     }
   }
