@@ -183,20 +183,147 @@ inline void rows_block(const uint8_t* w, const uint16_t* h, const uint8_t* activ
   }
 }
 
+// ----- Many rows: 16 weight rows at a time, their outputs across the lanes -----
+//
+// rows_block keeps a chunk's 64 values along the lanes, so every row of x pays for turning each
+// chunk's integer sums into floats (convert, scale, accumulate, and the offsets' term) and for a
+// horizontal sum at the end: ~9 instructions per 64 weights and row. With 4 rows of x or more,
+// the kernel instead takes 16 weight rows at a time and transposes their chunks (`transpose16`),
+// so that lane i of a vector holds four consecutive values of weight row i: vpdpbusd with four
+// values of x broadcast then works on 16 outputs at once, a group's 32 values are summed as
+// integers before one conversion per group and row of x, and each row of x's 16 outputs are
+// stored as they are (~3 instructions per 64 weights and row). The decoded, transposed chunks of
+// the 16 rows go to a buffer first, so every row of x reuses them. (The sums are grouped
+// differently from rows_block's: a row's result in a call of 4 rows or more differs from its
+// result alone within float32 rounding; it still does not depend on the other rows' values.)
+
+constexpr int64_t ACROSS_FROM_ROWS = 4;  // rows of x from which rows_dot works this way
+
+// r[i] holds 16 dwords (i, 0..15); afterwards r[t] holds (0..15, t): a 16 x 16 transpose of 32-bit
+// elements. Unpacking pairs of dwords, then of qwords, transposes 4 x 4 within each 128-bit lane;
+// two rounds of 128-bit shuffles move the lanes.
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  __m512i u[4][4];  // u[g][c]: lane L holds rows 4g..4g+3 of column 4L + c
+  for (int g = 0; g < 4; g++) {
+    u[g][0] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+    u[g][1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+    u[g][2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+    u[g][3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+  }
+  for (int c = 0; c < 4; c++) {  // column 4L + c for L = 0..3: lane g from u[g][c]'s lane L
+    const __m512i a0 = _mm512_shuffle_i32x4(u[0][c], u[1][c], 0x44), a1 = _mm512_shuffle_i32x4(u[0][c], u[1][c], 0xEE);
+    const __m512i a2 = _mm512_shuffle_i32x4(u[2][c], u[3][c], 0x44), a3 = _mm512_shuffle_i32x4(u[2][c], u[3][c], 0xEE);
+    r[c] = _mm512_shuffle_i32x4(a0, a2, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(a0, a2, 0xDD);
+    r[8 + c] = _mm512_shuffle_i32x4(a1, a3, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(a1, a3, 0xDD);
+  }
+}
+
+// Weight rows [n, n + 16) decoded for across_block: per chunk c, 16 vectors (four values of each
+// row: wbuf[c * 16 + t] lane i = values 4t..4t+3 of row n + i) and 4 of floats (sbuf[c * 4 + k]
+// lane i: row n + i's dA, dB, offset A, offset B; the offset is m, or -128 d for 8-bit values).
+template <int BITS>
+void prepare16(const uint8_t* weights, const uint16_t* scales, int64_t n, int64_t K, __m512i* wbuf, __m512* sbuf) {
+  constexpr int64_t SC = scales_per_chunk(BITS), chunk_bytes = CHUNK * BITS / 8;
+  const int64_t chunks = K / CHUNK, row_bytes = K * BITS / 8;
+  for (int64_t c = 0; c < chunks; c++) {
+    __m512i r[16];
+    for (int i = 0; i < 16; i++) r[i] = load_chunk<BITS>(weights + (n + i) * row_bytes + c * chunk_bytes);
+    transpose16(r);
+    for (int t = 0; t < 16; t++) _mm512_store_si512(wbuf + c * 16 + t, r[t]);
+    alignas(64) float numbers[4][16];
+    for (int i = 0; i < 16; i++) {
+      const uint16_t* h = scales + (n + i) * chunks * SC + c * SC;
+      numbers[0][i] = _cvtsh_ss(h[0]);
+      numbers[1][i] = _cvtsh_ss(h[1]);
+      numbers[2][i] = BITS == 8 ? -128.f * numbers[0][i] : _cvtsh_ss(h[2]);
+      numbers[3][i] = BITS == 8 ? -128.f * numbers[1][i] : _cvtsh_ss(h[3]);
+    }
+    for (int k = 0; k < 4; k++) sbuf[c * 4 + k] = _mm512_load_ps(numbers[k]);
+  }
+}
+
+// y[m, n .. n + 16) for the block of MB rows of x from row `first` (quantize_rows' layout), from
+// prepare16's buffers. Per chunk and group of 32 values: 256 q.p1 + q.p2 summed as integers over
+// the group (8 vpdpbusd each way; 32 * 255 * 127 * 257 < 2^31), then times d e, plus offset * s.
+template <int MB>
+inline void across_block(const __m512i* wbuf, const __m512* sbuf, const uint8_t* activations, const float* s,
+                         int64_t chunks, int64_t N, int64_t first, float* y_n) {
+  const uint8_t* a = activations + first * chunks * ACTIVATION_BYTES;
+  const float* sums = s + first * chunks * 2;
+  __m512 out[MB];
+  for (int j = 0; j < MB; j++) out[j] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < chunks; c++, a += MB * ACTIVATION_BYTES, sums += MB * 2) {
+    const __m512i* w = wbuf + c * 16;
+    __m512i dot[2][MB];  // [group][row of x]: both groups at once, 2 * MB independent sums
+    for (int j = 0; j < MB; j++) dot[0][j] = dot[1][j] = _mm512_setzero_si512();
+    for (int term = 0; term < 2; term++) {  // p1, then p2 (after the shift: 256 q.p1 + q.p2)
+      if (term == 1)
+        for (int j = 0; j < MB; j++) dot[0][j] = _mm512_slli_epi32(dot[0][j], 8), dot[1][j] = _mm512_slli_epi32(dot[1][j], 8);
+      for (int t = 0; t < 8; t++) {
+        const __m512i wa = _mm512_load_si512(w + t), wb = _mm512_load_si512(w + 8 + t);
+        for (int j = 0; j < MB; j++) {
+          const int32_t* p = reinterpret_cast<const int32_t*>(a + (term * MB + j) * 64);
+          dot[0][j] = _mm512_dpbusd_epi32(dot[0][j], wa, _mm512_set1_epi32(p[t]));
+          dot[1][j] = _mm512_dpbusd_epi32(dot[1][j], wb, _mm512_set1_epi32(p[8 + t]));
+        }
+      }
+    }
+    for (int j = 0; j < MB; j++) {
+      const float* e = reinterpret_cast<const float*>(a + (2 * MB + j) * 64);  // lane 0: e A, lane 8: e B
+      for (int group = 0; group < 2; group++) {
+        const __m512 scale = _mm512_mul_ps(sbuf[c * 4 + group], _mm512_set1_ps(e[8 * group]));
+        out[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[group][j]), scale, out[j]);
+        out[j] = _mm512_fmadd_ps(sbuf[c * 4 + 2 + group], _mm512_set1_ps(8.f * sums[j * 2 + group]), out[j]);
+      }
+    }
+  }
+  for (int j = 0; j < MB; j++) _mm512_storeu_ps(y_n + (first + j) * N, out[j]);
+}
+
 // y[m, n] for weight rows n in [n0, n1): weights (N, K * BITS/8) bytes, scales (N, K/64, 4 or 2) float16.
 template <int BITS>
 void rows_dot(const uint8_t* weights, const uint16_t* scales, const uint8_t* activations, const float* s,
               int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1, float* y) {
   const int64_t chunks = K / CHUNK, row_bytes = K * BITS / 8, row_scales = chunks * scales_per_chunk(BITS);
+  static_assert(BLOCK_ROWS == 4, "blocks of 1 to 4 rows below");
+  int64_t first_alone = n0;  // weight rows from here go one at a time (rows_block)
+  if (M >= ACROSS_FROM_ROWS && n1 - n0 >= 16) {
+    thread_local std::vector<__m512i> wbuf;  // (aligned: std::vector honours __m512i's alignment)
+    thread_local std::vector<__m512> sbuf;
+    wbuf.resize(chunks * 16);
+    sbuf.resize(chunks * 4);
+    for (; first_alone + 16 <= n1; first_alone += 16) {
+      prepare16<BITS>(weights, scales, first_alone, K, wbuf.data(), sbuf.data());
+      for (int64_t m = 0; m < M;) {
+        const int64_t rows = place_of(m, M).rows;
+        if (rows == 4)
+          across_block<4>(wbuf.data(), sbuf.data(), activations, s, chunks, N, m, y + first_alone);
+        else if (rows == 3)
+          across_block<3>(wbuf.data(), sbuf.data(), activations, s, chunks, N, m, y + first_alone);
+        else if (rows == 2)
+          across_block<2>(wbuf.data(), sbuf.data(), activations, s, chunks, N, m, y + first_alone);
+        else
+          across_block<1>(wbuf.data(), sbuf.data(), activations, s, chunks, N, m, y + first_alone);
+        m += rows;
+      }
+    }
+    if (first_alone == n1) return;
+  }
   for (int64_t ahead = 0; ahead < PREFETCH_AHEAD; ahead += 64)  // the start of this thread's rows
-    _mm_prefetch((const char*)(weights + n0 * row_bytes + ahead), PREFETCH_HINT);
+    _mm_prefetch((const char*)(weights + first_alone * row_bytes + ahead), PREFETCH_HINT);
   for (int64_t tile = 0; tile < M; tile += TILE_ROWS) {
     const int64_t tile_end = std::min(M, tile + TILE_ROWS);
-    for (int64_t n = n0; n < n1; n++) {
+    for (int64_t n = first_alone; n < n1; n++) {
       const uint8_t* w = weights + n * row_bytes;
       const uint16_t* h = scales + n * row_scales;
       for (int64_t m = tile; m < tile_end;) {
-        static_assert(BLOCK_ROWS == 4, "blocks of 1 to 4 rows below");
         const int64_t rows = place_of(m, M).rows;
         if (rows == 4)
           rows_block<BITS, 4>(w, h, activations, s, chunks, N, m, y + n);

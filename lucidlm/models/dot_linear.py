@@ -35,14 +35,14 @@ from . import dense_path
 GROUP = 32  # values sharing a scale and an offset (the ggml block size)
 
 # Rows from which a call decodes the weight and runs a dense matmul instead of the kernel. The
-# kernel's time grows with the rows (~1 ms a token of a SmolLM2 prompt, 4 rows sharing each
-# decoded chunk of weights); the dense path pays ~25 ms to decode the model's weights, then
-# ~0.3 ms a token. `python bench/prefill_rows.py` (2 threads, AVX-512 BF16; kernel / dense ms):
-# SmolLM2 prompts of 24 tokens 25 / 32, 32: 31 / 36, 40: 39 / 38, 48: 46 / 47, 64: 60 / 54;
-# Gemma 3 24: 28 / 32, 32: 35 / 37, 40: 43 / 39, 48: 50 / 42. Between the crossovers; where the two
-# are close, the kernel's arithmetic is the more exact (bfloat16 dense matmuls: next-token KL ~2e-3
-# from float32, the kernel's ~1e-7). (The int4 kernels of `packed` cross over later: dense_path.)
-DENSE_FROM_ROWS = 36
+# kernel's time grows with the rows (~0.5 ms a token of a SmolLM2 prompt, from 4 rows on with 16
+# weight rows' outputs across its lanes); the dense path pays ~25 ms to decode the model's weights,
+# then ~0.3-0.4 ms a token. `python bench/prefill_rows.py` (2 threads, AVX-512 BF16; kernel / dense
+# ms): SmolLM2 prompts of 64 tokens 34 / 36, 128: 68 / 78, 160: 84 / 92, 192: 99 / 104;
+# Gemma 3 64: 37 / 47, 128: 63 / 67, 160: 77 / 79, 192: 90 / 88. Where the two are close, the
+# kernel's arithmetic is the more exact (bfloat16 dense matmuls: next-token KL ~2e-3 from float32,
+# the kernel's ~1e-7). (The int4 kernels of `packed` cross over earlier: dense_path.)
+DENSE_FROM_ROWS = 160
 
 
 class Int8DotLinear(nn.Module):
