@@ -25,7 +25,7 @@ PROMPT = "The capital of France is a city that"
 
 def decode(model, prompt: torch.Tensor, tokens: int) -> tuple[float, list[torch.Tensor]]:
     """Seconds a step (the mean over `tokens` steps) and the logits of each step."""
-    cache = model.new_cache(1, prompt.shape[1] + tokens)
+    cache = model.new_cache(prompt.shape[0], prompt.shape[1] + tokens)
     token = model(prompt, cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
     logits = []
     started = time.perf_counter()

@@ -8,7 +8,8 @@ Builds `lucidlm/kernels/cpu_decode.cpp` as it was at `--rev` under another opera
 1. `int8_dot_matmul` on SmolLM2's five matrix shapes (q/k/v stacked, o, gate/up stacked, down; 4-bit,
    and an 8-bit down) for x of each number of rows, alternating old and new, and prints µs per
    row and the speedup. The matrices (~3 MB) sit in the caches: this times the arithmetic.
-2. Decode steps of each model (direct steps, `bench/direct_decode.py`'s loop: 128 greedy tokens),
+2. Decode steps of each model (direct steps, `bench/direct_decode.py`'s loop: 128 greedy tokens,
+   `--batch` sequences together),
    with the old and the new matmul alternating, both called through `torch.ops` (so a step is
    ~0.1 ms slower than with the direct binding); the rest of the step is the same code.
 
@@ -76,6 +77,7 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 4, 8, 16, 32])
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--models", nargs="*", default=["smollm2-135m-instruct"])
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together in the decode steps")
     args = parser.parse_args()
     if not cpu_decode.available():
         sys.exit("the int8-dot kernels do not run here (AVX-512 VNNI and a C++ compiler needed)")
@@ -111,7 +113,7 @@ def main() -> None:
         functions = {name: getattr(bound, name) for name in dir(bound) if not name.startswith("_")}
         sides = {"old": types.SimpleNamespace(**{**functions, "int8_dot_matmul": old}),
                  "new": types.SimpleNamespace(**{**functions, "int8_dot_matmul": new})}
-        prompt = torch.tensor([m.tokenizer.encode(PROMPT)])
+        prompt = torch.tensor([m.tokenizer.encode(PROMPT)]).repeat(args.batch, 1)
         times = {"old": [], "new": []}
         try:
             with torch.inference_mode():
@@ -123,7 +125,8 @@ def main() -> None:
         finally:
             direct_decode.kernels = bound
         o, n = statistics.median(times["old"]), statistics.median(times["new"])
-        print(f"{name} decode: old {o:.3f} ms/step, new {n:.3f} ms/step, old ÷ new {o / n:.3f}")
+        print(f"{name} decode, {args.batch} sequences: old {o:.3f} ms/step, new {n:.3f} ms/step, "
+              f"old ÷ new {o / n:.3f}")
 
 
 if __name__ == "__main__":

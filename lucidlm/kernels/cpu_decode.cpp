@@ -187,17 +187,20 @@ inline void rows_block(const uint8_t* w, const uint16_t* h, const uint8_t* activ
 //
 // rows_block keeps a chunk's 64 values along the lanes, so every row of x pays for turning each
 // chunk's integer sums into floats (convert, scale, accumulate, and the offsets' term) and for a
-// horizontal sum at the end: ~9 instructions per 64 weights and row. With 4 rows of x or more,
+// horizontal sum at the end: ~9 instructions per 64 weights and row. With 8 rows of x or more,
 // the kernel instead takes 16 weight rows at a time and transposes their chunks (`transpose16`),
 // so that lane i of a vector holds four consecutive values of weight row i: vpdpbusd with four
 // values of x broadcast then works on 16 outputs at once, a group's 32 values are summed as
 // integers before one conversion per group and row of x, and each row of x's 16 outputs are
 // stored as they are (~3 instructions per 64 weights and row). The decoded, transposed chunks of
 // the 16 rows go to a buffer first, so every row of x reuses them. (The sums are grouped
-// differently from rows_block's: a row's result in a call of 4 rows or more differs from its
+// differently from rows_block's: a row's result in a call of 8 rows or more differs from its
 // result alone within float32 rounding; it still does not depend on the other rows' values.)
 
-constexpr int64_t ACROSS_FROM_ROWS = 4;  // rows of x from which rows_dot works this way
+// Rows of x from which rows_dot works this way. Decoding and transposing 16 weight rows costs ~0.3
+// instructions a weight, paid back by 8 rows; with 4, decode steps of 4 sequences were slower than
+// rows_block's (SmolLM2: 6.7 against 5.2 ms, bench/kernel_ab.py --batch 4), with 8 faster (9.3, 10.0).
+constexpr int64_t ACROSS_FROM_ROWS = 8;
 
 // r[i] holds 16 dwords (i, 0..15); afterwards r[t] holds (0..15, t): a 16 x 16 transpose of 32-bit
 // elements. Unpacking pairs of dwords, then of qwords, transposes 4 x 4 within each 128-bit lane;
@@ -231,21 +234,45 @@ inline void transpose16(__m512i r[16]) {
 template <int BITS>
 void prepare16(const uint8_t* weights, const uint16_t* scales, int64_t n, int64_t K, __m512i* wbuf, __m512* sbuf) {
   constexpr int64_t SC = scales_per_chunk(BITS), chunk_bytes = CHUNK * BITS / 8;
-  const int64_t chunks = K / CHUNK, row_bytes = K * BITS / 8;
+  const int64_t chunks = K / CHUNK, row_bytes = K * BITS / 8, row_scales = chunks * SC;
+  // The next 16 rows' weights and numbers, asked for while these are decoded: they come from
+  // memory (a large matrix, an LM head, is read once a call), and the 16 streams of a block are
+  // more than the hardware's prefetchers follow. (Past the matrix's end: harmless.)
+  for (int64_t b = 0; b < 16 * row_bytes; b += 64)
+    _mm_prefetch((const char*)(weights + (n + 16) * row_bytes + b), PREFETCH_HINT);
+  for (int64_t b = 0; b < 16 * row_scales * 2; b += 64)
+    _mm_prefetch((const char*)(scales + (n + 16) * row_scales) + b, PREFETCH_HINT);
+  // Each row's float16 numbers of a chunk (4: dA, dB, mA, mB; 2 for 8-bit: dA, dB) gathered for the
+  // 16 rows, then sorted by kind (k x 16 rows) and widened: numbers[k] lane i = row n + i's k-th.
+  const __m512i row_starts = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                _mm512_set1_epi32((int)(row_scales * 2)));  // bytes
+  alignas(64) uint16_t by_kind[SC == 4 ? 64 : 32];  // (k, row)
+  alignas(64) int16_t order[SC == 4 ? 64 : 32];  // where each of those is in the gathered numbers
+  for (int k = 0; k < SC; k++)  // (4 numbers: rows 8-15 in the second vector, element 32 on)
+    for (int i = 0; i < 16; i++) order[k * 16 + i] = (int16_t)(SC == 4 && i >= 8 ? 32 + (i - 8) * 4 + k : i * SC + k);
   for (int64_t c = 0; c < chunks; c++) {
     __m512i r[16];
     for (int i = 0; i < 16; i++) r[i] = load_chunk<BITS>(weights + (n + i) * row_bytes + c * chunk_bytes);
     transpose16(r);
     for (int t = 0; t < 16; t++) _mm512_store_si512(wbuf + c * 16 + t, r[t]);
-    alignas(64) float numbers[4][16];
-    for (int i = 0; i < 16; i++) {
-      const uint16_t* h = scales + (n + i) * chunks * SC + c * SC;
-      numbers[0][i] = _cvtsh_ss(h[0]);
-      numbers[1][i] = _cvtsh_ss(h[1]);
-      numbers[2][i] = BITS == 8 ? -128.f * numbers[0][i] : _cvtsh_ss(h[2]);
-      numbers[3][i] = BITS == 8 ? -128.f * numbers[1][i] : _cvtsh_ss(h[3]);
+    const uint16_t* h = scales + n * row_scales + c * SC;
+    if constexpr (SC == 4) {  // 8 bytes a row: two gathers of 8 rows' qwords
+      const __m512i rows_low = _mm512_i32gather_epi64(_mm512_castsi512_si256(row_starts), h, 1);
+      const __m512i rows_high = _mm512_i32gather_epi64(_mm512_extracti64x4_epi64(row_starts, 1), h, 1);
+      // (row i's k-th number: element 4i + k of rows_low for i < 8, of rows_high at 4(i - 8) + k)
+      const __m512i first = _mm512_load_si512(order), second = _mm512_load_si512(order + 32);
+      _mm512_store_si512(by_kind, _mm512_permutex2var_epi16(rows_low, first, rows_high));
+      _mm512_store_si512(by_kind + 32, _mm512_permutex2var_epi16(rows_low, second, rows_high));
+    } else {  // 4 bytes a row: one gather of 16 rows' dwords
+      const __m512i rows = _mm512_i32gather_epi32(row_starts, h, 1);
+      _mm512_store_si512(by_kind, _mm512_permutexvar_epi16(_mm512_load_si512(order), rows));
     }
-    for (int k = 0; k < 4; k++) sbuf[c * 4 + k] = _mm512_load_ps(numbers[k]);
+    for (int k = 0; k < 4; k++) {
+      const int kind = SC == 4 ? k : k % 2;  // (8-bit: offsets -128 d)
+      __m512 numbers = _mm512_cvtph_ps(_mm256_load_si256((const __m256i*)(by_kind + kind * 16)));
+      if (SC == 2 && k >= 2) numbers = _mm512_mul_ps(numbers, _mm512_set1_ps(-128.f));
+      sbuf[c * 4 + k] = numbers;
+    }
   }
 }
 

@@ -15,9 +15,9 @@ float32 model computes (next-token KL ~1e-7 on SmolLM2, where llama.cpp's one-te
 costs 3e-3: bench/RESULTS.md). `bench/decode_kernels.py` times it against PyTorch's kernel on a
 whole model's worth of matrices streamed from memory, as a decode step reads them. Several rows
 (a batch of sequences, a prompt) share the decoded weights: up to 3 rows take each chunk together;
-from 4 rows, 16 weight rows at a time are decoded and transposed so that their outputs lie across
-the vector lanes (`bench/kernel_ab.py`: per row of x, 1.4x the one-row arithmetic at 4 rows, 2.3x
-at 16, 3x at 64).
+from 8 rows, 16 weight rows at a time are decoded and transposed so that their outputs lie across
+the vector lanes (`bench/kernel_ab.py`: per row of x, 1.4x the one-row arithmetic at 4 rows, 2.4x
+at 8, 2.5x at 16, 3x at 64).
 
 Layout (`Int8DotLinear` builds it): the weight W (N, K) in chunks of 64 values (two groups of
 32: A, B), each chunk's values q stored as unsigned bytes (4-bit: 32 bytes, byte b holding
