@@ -93,6 +93,22 @@ def test_a_row_does_not_depend_on_the_rows_beside_it(bits):
             assert torch.equal(torch.cat([layer(row) for row in x[:M].split(1)]), together)
 
 
+def test_results_do_not_depend_on_the_number_of_threads():
+    """Threads take whole blocks of 16 weight rows, so each output goes the same way (16 rows at a time
+    across the lanes, or one row at a time) however many threads share the matrix."""
+    layer, _ = from_random(4, 16 * 5 + 3, 576, seed=6)
+    x = activations(12, 576, seed=6)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(layer(x))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
 def test_a_single_int8_term_would_miss_the_bound():
     """The bound is tight enough to tell one rounding term from two: x rounded once to int8
     (the usual scheme) moves the product by far more than it allows."""
