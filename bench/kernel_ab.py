@@ -46,7 +46,8 @@ def git(*command: str) -> str:
 def build_old(rev: str):
     """The `int8_dot_matmul` operator of cpu_decode.cpp at `rev`, registered as lucidlm_ab's."""
     folder = Path(tempfile.mkdtemp(prefix="kernel_ab_"))
-    for name in ("cpu_decode.cpp", "kernels.h", "vector_math.h"):
+    headers = [name for name in git("ls-tree", "--name-only", f"{rev}:lucidlm/kernels").split() if name.endswith(".h")]
+    for name in ["cpu_decode.cpp", *headers]:  # (the headers it includes, as they were)
         text = git("show", f"{rev}:lucidlm/kernels/{name}")
         (folder / name).write_text(text.replace("TORCH_LIBRARY(lucidlm_kernels", "TORCH_LIBRARY(lucidlm_ab")
                                    .replace("TORCH_LIBRARY_IMPL(lucidlm_kernels", "TORCH_LIBRARY_IMPL(lucidlm_ab"))

@@ -62,7 +62,8 @@ import torch
 SOURCES = [str(Path(__file__).with_name(name))
            for name in ("cpu_decode.cpp", "cpu_attention.cpp", "cpu_layer_ops.cpp", "bindings.cpp")]
 CHUNK = 64  # values per chunk of the layout: two groups of 32
-HEADERS = [Path(__file__).with_name(name) for name in ("vector_math.h", "kernels.h")]  # included by the sources
+HEADERS = [Path(__file__).with_name(name)  # included by the sources
+           for name in ("vector_math.h", "kernels.h", "int8_rows_across.h")]
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-fopenmp"]
 
 
