@@ -9,9 +9,9 @@ Builds `lucidlm/kernels/cpu_decode.cpp` as it was at `--rev` under another opera
    and an 8-bit down) for x of each number of rows, alternating old and new, and prints µs per
    row and the speedup. The matrices (~3 MB) sit in the caches: this times the arithmetic.
 2. Decode steps of each model (direct steps, `bench/direct_decode.py`'s loop: 128 greedy tokens,
-   `--batch` sequences together),
-   with the old and the new matmul alternating, both called through `torch.ops` (so a step is
-   ~0.1 ms slower than with the direct binding); the rest of the step is the same code.
+   `--batch` sequences together) with the old and the new matmul alternating, both called through
+   `torch.ops` (so a step is ~0.1 ms slower than with the direct binding); the rest of the step is
+   the same code.
 
 Both must agree to float32 rounding (checked); alternating in one process keeps the machine's
 drifts out of the ratio.

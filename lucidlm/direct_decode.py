@@ -334,11 +334,11 @@ def install(model: nn.Module) -> DirectDecode | None:
     if os.environ.get("LUCIDLM_DIRECT_DECODE", "1") == "0" or cpu_decode.bound() is None:
         return None
     kernels = cpu_decode.bound()
-    _count_assignments()
     if isinstance(model.forward, DirectDecode):
         return model.forward
     direct = DirectDecode(model)
     if direct.layers is None:  # it does not apply
         return None
+    _count_assignments()  # (from now on: the model's state is the one just gathered)
     model.forward = direct
     return direct

@@ -30,6 +30,7 @@
 #include <cmath>
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"  // this file's operators, declared
@@ -65,6 +66,26 @@ inline RowPlace place_of(int64_t m, int64_t M) {
   const int64_t blocked = M - M % BLOCK_ROWS;
   return m < blocked ? RowPlace{m - m % BLOCK_ROWS, BLOCK_ROWS, m % BLOCK_ROWS}
                      : RowPlace{blocked, M - blocked, m - blocked};
+}
+
+// block(m, R) for each block of x's rows [begin, end) (blocks as place_of gives them; begin a block's
+// first row), R the block's number of rows as a compile-time constant, std::integral_constant<int, R>:
+// the kernels are templates on it, so that a block's sums live in registers.
+template <typename Block>
+inline void for_each_block(int64_t begin, int64_t end, int64_t M, Block&& block) {
+  static_assert(BLOCK_ROWS == 4, "blocks of 1 to 4 rows below");
+  for (int64_t m = begin; m < end;) {
+    const int64_t rows = place_of(m, M).rows;
+    if (rows == 4)
+      block(m, std::integral_constant<int, 4>{});
+    else if (rows == 3)
+      block(m, std::integral_constant<int, 3>{});
+    else if (rows == 2)
+      block(m, std::integral_constant<int, 2>{});
+    else
+      block(m, std::integral_constant<int, 1>{});
+    m += rows;
+  }
 }
 
 // Bytes of `activations` per row and chunk: p1, p2 (64 int8 each) and e (16 floats), see below.
@@ -190,7 +211,6 @@ template <int BITS>
 void rows_dot(const uint8_t* weights, const uint16_t* scales, const uint8_t* activations, const float* s,
               int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1, float* y) {
   const int64_t chunks = K / CHUNK, row_bytes = K * BITS / 8, row_scales = chunks * scales_per_chunk(BITS);
-  static_assert(BLOCK_ROWS == 4, "blocks of 1 to 4 rows below");
   int64_t first_alone = n0;  // weight rows from here go one at a time (rows_block)
   if (M >= ACROSS_FROM_ROWS && n1 - n0 >= 16) {
     thread_local std::vector<__m512i> wbuf;  // (aligned: std::vector honours __m512i's alignment)
@@ -199,18 +219,9 @@ void rows_dot(const uint8_t* weights, const uint16_t* scales, const uint8_t* act
     sbuf.resize(chunks * 4);
     for (; first_alone + 16 <= n1; first_alone += 16) {
       prepare16<BITS>(weights, scales, first_alone, K, wbuf.data(), sbuf.data());
-      for (int64_t m = 0; m < M;) {
-        const int64_t rows = place_of(m, M).rows;
-        if (rows == 4)
-          across_block<4>(wbuf.data(), sbuf.data(), activations, s, chunks, N, m, y + first_alone);
-        else if (rows == 3)
-          across_block<3>(wbuf.data(), sbuf.data(), activations, s, chunks, N, m, y + first_alone);
-        else if (rows == 2)
-          across_block<2>(wbuf.data(), sbuf.data(), activations, s, chunks, N, m, y + first_alone);
-        else
-          across_block<1>(wbuf.data(), sbuf.data(), activations, s, chunks, N, m, y + first_alone);
-        m += rows;
-      }
+      for_each_block(0, M, M, [&](int64_t m, auto rows) {
+        across_block<decltype(rows)::value>(wbuf.data(), sbuf.data(), activations, s, chunks, N, m, y + first_alone);
+      });
     }
     if (first_alone == n1) return;
   }
@@ -221,18 +232,9 @@ void rows_dot(const uint8_t* weights, const uint16_t* scales, const uint8_t* act
     for (int64_t n = first_alone; n < n1; n++) {
       const uint8_t* w = weights + n * row_bytes;
       const uint16_t* h = scales + n * row_scales;
-      for (int64_t m = tile; m < tile_end;) {
-        const int64_t rows = place_of(m, M).rows;
-        if (rows == 4)
-          rows_block<BITS, 4>(w, h, activations, s, chunks, N, m, y + n);
-        else if (rows == 3)
-          rows_block<BITS, 3>(w, h, activations, s, chunks, N, m, y + n);
-        else if (rows == 2)
-          rows_block<BITS, 2>(w, h, activations, s, chunks, N, m, y + n);
-        else
-          rows_block<BITS, 1>(w, h, activations, s, chunks, N, m, y + n);
-        m += rows;
-      }
+      for_each_block(tile, tile_end, M, [&](int64_t m, auto rows) {
+        rows_block<BITS, decltype(rows)::value>(w, h, activations, s, chunks, N, m, y + n);
+      });
     }
   }
 }

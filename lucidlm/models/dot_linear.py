@@ -35,7 +35,7 @@ from . import dense_path
 GROUP = 32  # values sharing a scale and an offset (the ggml block size)
 
 # Rows from which a call decodes the weight and runs a dense matmul instead of the kernel. The
-# kernel's time grows with the rows (~0.5 ms a token of a SmolLM2 prompt, from 4 rows on with 16
+# kernel's time grows with the rows (~0.5 ms a token of a SmolLM2 prompt, from 8 rows on with 16
 # weight rows' outputs across its lanes); the dense path pays ~25 ms to decode the model's weights,
 # then ~0.3-0.4 ms a token. `python bench/prefill_rows.py` (2 threads, AVX-512 BF16; kernel / dense
 # ms): SmolLM2 prompts of 64 tokens 34 / 36, 128: 68 / 78, 160: 84 / 92, 192: 99 / 104;
